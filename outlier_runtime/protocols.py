@@ -1,0 +1,95 @@
+"""What a plugin implements: the Loader, CachePolicy, Reader and Prefetcher protocols.
+
+These are structural (``typing.Protocol``): a plugin needs no base class, only the methods.
+docs/hooks.md explains each one with a worked example.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Collection, Hashable, Protocol, Sequence, runtime_checkable
+
+if TYPE_CHECKING:
+    from .manifest import TierManifest
+
+#: A cached expert is identified by (MoE layer number, expert id).
+ExpertKey = tuple[int, int]
+
+
+@runtime_checkable
+class CachePolicy(Protocol):
+    """Decides which cached entry to evict. One instance serves one cache.
+
+    The cache tells the policy about every use and every eviction, and asks it for a victim
+    when it is full. Keys are hashable (for expert caches: ``(layer, expert_id)``).
+    """
+
+    def accessed(self, key: Hashable) -> None:
+        """``key`` was used: a hit, or a new entry just inserted."""
+
+    def evicted(self, key: Hashable) -> None:
+        """``key`` left the cache (chosen as victim, or dropped)."""
+
+    def choose_victim(self, candidates: Collection[Hashable]) -> Hashable:
+        """Return one of ``candidates`` (never empty) to evict."""
+
+
+@dataclass(frozen=True)
+class ReadRequest:
+    """Read ``length`` bytes at ``offset`` of the file at ``path`` into ``out``."""
+
+    path: str
+    offset: int
+    length: int
+    out: memoryview
+
+
+@runtime_checkable
+class Reader(Protocol):
+    """Fetches byte ranges of checkpoint files into caller-owned buffers."""
+
+    def read(self, requests: Sequence[ReadRequest]) -> None:
+        """Fill every request's ``out`` completely, or raise ``ExpertReadError`` naming the file."""
+
+    def close(self) -> None:
+        """Release open files and workers."""
+
+
+@dataclass
+class LoadRequest:
+    """What a loader is asked to build."""
+
+    manifest: "TierManifest"
+    model_path: Path
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoadedModel:
+    """A model a loader built, ready for mlx-lm's generation loop."""
+
+    model: Any
+    tokenizer: Any
+    #: Returns a JSON-able snapshot of engine statistics (paging loaders: hits, misses, ...).
+    stats: Callable[[], dict[str, Any]] = dict
+    #: Resets the statistics counters (called before each generation).
+    reset_stats: Callable[[], None] = lambda: None
+    #: Frees what the loader holds beyond the model (open files, workers, caches).
+    close: Callable[[], None] = lambda: None
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """Builds a model for a tier."""
+
+    def load(self, request: LoadRequest) -> LoadedModel:
+        """Build the model at ``request.model_path`` following the tier's manifest."""
+
+
+@runtime_checkable
+class Prefetcher(Protocol):
+    """Guesses which experts a layer will need next, so their reads start early."""
+
+    def predict(self, layer: int, hidden: Any, next_layer: Any) -> Sequence[int]:
+        """Expert ids of ``next_layer`` worth reading ahead, given ``layer``'s input ``hidden``."""
