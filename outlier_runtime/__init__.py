@@ -1,5 +1,75 @@
-"""outlier-runtime: local language-model tiers on MLX, with a paged, exact MoE engine."""
+"""outlier-runtime: local language-model tiers on MLX, with a paged, exact MoE engine.
 
+The public API::
+
+    import outlier_runtime
+    rt = outlier_runtime.load("plus", cache_gb=4, model="/path/to/model")
+    result = rt.generate("def fibonacci(n):")
+    print(result.text, result.engine)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import (
+    AdmissionError,
+    CheckpointError,
+    ExpertReadError,
+    ManifestError,
+    ModelNotFoundError,
+    OutlierError,
+    PluginError,
+    RuntimeClosedError,
+    TierNotFoundError,
+)
 from .hookspecs import hookimpl
+from .manifest import TierManifest
+from .protocols import CachePolicy, LoadedModel, Loader, LoadRequest, Prefetcher, Reader, ReadRequest
+from .results import Chunk, GenerationResult
+from .runtime import Runtime, load
 
-__all__ = ["hookimpl"]
+__version__ = "0.1.0"
+
+
+def tiers() -> list[dict[str, Any]]:
+    """Every known tier, with whether this machine can run it (RAM >= min_ram_gb x 1.15)."""
+    from .plugins import get_registry
+    from .tiers import list_tiers
+
+    return [status.to_dict() for status in list_tiers(get_registry())]
+
+
+def plugins() -> list[dict[str, Any]]:
+    """Every loaded plugin, the distribution it came from, and what it registers."""
+    from .plugins import plugin_infos
+
+    return [info.to_dict() for info in plugin_infos()]
+
+
+__all__ = [
+    "AdmissionError",
+    "CachePolicy",
+    "CheckpointError",
+    "Chunk",
+    "ExpertReadError",
+    "GenerationResult",
+    "LoadRequest",
+    "LoadedModel",
+    "Loader",
+    "ManifestError",
+    "ModelNotFoundError",
+    "OutlierError",
+    "PluginError",
+    "Prefetcher",
+    "ReadRequest",
+    "Reader",
+    "Runtime",
+    "RuntimeClosedError",
+    "TierManifest",
+    "TierNotFoundError",
+    "hookimpl",
+    "load",
+    "plugins",
+    "tiers",
+]

@@ -69,6 +69,9 @@ class GenerationSection(_Section):
     context_window: int = Field(default=32768, ge=1)
     system_prompt: Optional[str] = None
     seed: Optional[int] = None
+    use_chat_template: bool = Field(
+        default=True, description="Wrap a plain-string prompt as a user message in the chat template."
+    )
 
 
 class PagingSection(_Section):

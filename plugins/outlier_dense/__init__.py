@@ -1,1 +1,22 @@
-"""placeholder"""
+"""Built-in loader ``dense``: stock mlx-lm, the whole model in memory (Nano to Vision)."""
+
+from __future__ import annotations
+
+from outlier_runtime import hookimpl
+from outlier_runtime.protocols import LoadedModel, LoadRequest
+
+
+class DenseLoader:
+    """Loads every weight with ``mlx_lm.load``; small MoE tiers load whole too."""
+
+    def load(self, request: LoadRequest) -> LoadedModel:
+        import mlx_lm
+
+        # Remote code is never enabled: a manifest cannot make us run a repo's Python.
+        model, tokenizer = mlx_lm.load(str(request.model_path), lazy=False)
+        return LoadedModel(model=model, tokenizer=tokenizer)
+
+
+@hookimpl
+def register_loaders(register):
+    register("dense", DenseLoader, "Stock mlx-lm: every weight resident.")

@@ -1,0 +1,255 @@
+"""The ``outlier`` command line. Every listing command takes ``--json`` for programs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import OutlierError
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+class _Group(click.Group):
+    """Turns the project's own errors into a one-line message and exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OutlierError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """Run local language-model tiers on MLX, including the paged Plus MoE."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def tiers(as_json: bool) -> None:
+    """List the tiers and whether this machine can run each."""
+    import outlier_runtime
+
+    rows = outlier_runtime.tiers()
+    if as_json:
+        _emit_json(rows)
+        return
+    for row in rows:
+        mark = "yes" if row["runnable"] else "no "
+        if row["error"]:
+            click.echo(f"{row['name']:<10} INVALID  {row['error']}")
+            continue
+        click.echo(
+            f"{row['name']:<10} {row['display_name']:<8} {row['kind']:<10} {row['disk_gb']:>7.2f} GB disk  "
+            f"runnable: {mark}  ({row['reason']})  {row['model']}"
+        )
+
+
+@main.command()
+@click.argument("tier")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def info(tier: str, as_json: bool) -> None:
+    """Show a tier's merged manifest and where it came from."""
+    from .plugins import get_registry
+    from .tiers import admission, discover, resolve_tier
+
+    manifest = resolve_tier(tier, get_registry())
+    ok, reason = admission(manifest)
+    data = {
+        "manifest": manifest.model_dump(),
+        "files": [str(f) for f in discover()[tier].files],
+        "runnable": ok,
+        "reason": reason,
+    }
+    if as_json:
+        _emit_json(data)
+        return
+    click.echo(f"{manifest.tier.display_name} ({manifest.name}): {manifest.tier.description}")
+    click.echo(f"  from: {', '.join(data['files'])}")
+    click.echo(f"  runnable here: {'yes' if ok else 'no'} ({reason})")
+    for section, values in manifest.model_dump().items():
+        if values is None:
+            continue
+        click.echo(f"  [{section}]")
+        for key, value in values.items():
+            click.echo(f"    {key} = {value!r}")
+
+
+def _paging_options(func: Any) -> Any:
+    options = [
+        click.option("--model", help="Model directory or Hugging Face repo id (overrides the manifest)."),
+        click.option("--k-override", type=int, help="Compute-ready expert slots per MoE layer."),
+        click.option("--cache-gb", type=float, help="Bound on all expert bytes held (slots + RAM cache)."),
+        click.option("--reader", help="Reader plugin name (e.g. pread, mmap)."),
+        click.option("--cache-policy", help="Cache-policy plugin name (e.g. lru, lfu)."),
+        click.option("--mmap/--no-mmap", "mmap_experts", default=None, help="Read experts through mmap."),
+        click.option("--experts-per-token", type=int, help="Override the router's top-k (changes results)."),
+        click.option("--force", is_flag=True, help="Load even if the machine has too little RAM."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _overrides(**kwargs: Any) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _print_stats(result: Any) -> None:
+    click.echo(
+        f"\n-- {result.generation_tokens} tokens, {result.generation_tps:.2f} tok/s decode, "
+        f"{result.prompt_tps:.1f} tok/s prompt, peak RSS {result.peak_rss_gb:.2f} GB",
+        err=True,
+    )
+    engine = result.engine
+    if not engine:
+        return
+    total, config = engine["total"], engine.get("config", {})
+    click.echo(
+        f"-- paging: {config.get('slots_per_layer')} slots/layer x {config.get('moe_layers')} layers, "
+        f"reader {config.get('reader')}, policy {config.get('cache_policy')}",
+        err=True,
+    )
+    click.echo(
+        f"-- lookups {total['lookups']}: slot hits {total['slot_hits']}, RAM hits {total['ram_hits']}, "
+        f"misses {total['misses']} (hit rate {total['hit_rate']:.1%}); read {total['bytes_read'] / 1e6:.1f} MB "
+        f"in {total['read_seconds']:.3f} s; evictions {total['evictions']}; "
+        f"resident {total['slot_resident_bytes'] / 1e6:.1f} MB slots + {total['ram_cache_bytes'] / 1e6:.1f} MB RAM",
+        err=True,
+    )
+    for row in engine["layers"]:
+        click.echo(
+            f"   layer {row['layer']:>3}: hits {row['slot_hits']:>6} ram {row['ram_hits']:>6} "
+            f"miss {row['misses']:>6} evict {row['evictions']:>6} read {row['bytes_read'] / 1e6:>8.1f} MB "
+            f"{row['read_seconds'] * 1e3:>8.1f} ms  resident {row['resident_experts']}",
+            err=True,
+        )
+
+
+def _run(tier: str, prompt: str, overrides: dict[str, Any], force: bool, max_tokens: int | None,
+         temperature: float | None, top_p: float | None, seed: int | None, chat: bool | None,
+         stats: bool, as_json: bool) -> None:
+    import outlier_runtime
+
+    runtime = outlier_runtime.load(tier, force=force, **overrides)
+    try:
+        options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat)
+        if as_json:
+            result = runtime.generate(prompt, **options)
+            _emit_json(result.to_dict())
+            return
+        click.echo(prompt, nl=False)
+        for chunk in runtime.stream(prompt, **options):
+            click.echo(chunk.text, nl=False)
+        click.echo()
+        result = runtime.last_result
+        if stats:
+            _print_stats(result)
+        else:
+            click.echo(f"-- {result.generation_tokens} tokens, {result.generation_tps:.2f} tok/s", err=True)
+    finally:
+        runtime.close()
+
+
+@main.command()
+@click.argument("tier")
+@click.argument("prompt")
+@_paging_options
+@click.option("--max-tokens", type=int, help="Tokens to generate (default: the manifest's).")
+@click.option("--temp", "temperature", type=float, help="Sampling temperature (0 = greedy).")
+@click.option("--top-p", type=float, help="Nucleus sampling threshold.")
+@click.option("--seed", type=int, help="Random seed for sampling.")
+@click.option("--chat/--raw", default=None, help="Wrap the prompt in the chat template, or not.")
+@click.option("--stats", is_flag=True, help="Print paging statistics per layer.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON result instead of streaming.")
+def run(tier: str, prompt: str, model: str | None, k_override: int | None, cache_gb: float | None,
+        reader: str | None, cache_policy: str | None, mmap_experts: bool | None,
+        experts_per_token: int | None, force: bool, max_tokens: int | None, temperature: float | None,
+        top_p: float | None, seed: int | None, chat: bool | None, stats: bool, as_json: bool) -> None:
+    """Generate from TIER, streaming tokens and printing tok/s."""
+    overrides = _overrides(model=model, k_override=k_override, cache_gb=cache_gb, reader=reader,
+                           cache_policy=cache_policy, mmap_experts=mmap_experts,
+                           experts_per_token=experts_per_token)
+    _run(tier, prompt, overrides, force, max_tokens, temperature, top_p, seed, chat, stats, as_json)
+
+
+@main.command()
+@click.option("--prompt", default="import os\n\n\ndef ", show_default=True, help="Python to complete.")
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--k-override", type=int, default=4, show_default=True, help="Slots per MoE layer.")
+@click.option("--cache-gb", type=float, default=0.004, show_default=True, help="Slots + RAM cache bound.")
+@click.option("--reader", default=None, help="Reader plugin name.")
+@click.option("--cache-policy", default=None, help="Cache-policy plugin name.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON result.")
+def demo(prompt: str, max_tokens: int, k_override: int, cache_gb: float, reader: str | None,
+         cache_policy: str | None, as_json: bool) -> None:
+    """Run the Plus tier's paged engine on the embedded demo MoE (no download) and show stats."""
+    from .embedded import demo_moe_path
+
+    overrides = _overrides(model=str(demo_moe_path()), k_override=k_override, cache_gb=cache_gb,
+                           reader=reader, cache_policy=cache_policy)
+    _run("plus", prompt, overrides, True, max_tokens, 0.0, None, None, False, True, as_json)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins(as_json: bool) -> None:
+    """List installed plugins, their distributions and what they register."""
+    import outlier_runtime
+
+    rows = outlier_runtime.plugins()
+    if as_json:
+        _emit_json(rows)
+        return
+    for row in rows:
+        origin = f"{row['distribution']} {row['version'] or ''}".strip() if row["distribution"] else "(in-process)"
+        provides = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in sorted(row["provides"].items()))
+        click.echo(f"{row['name']:<16} {origin:<28} {provides or '-'}")
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema of a tier manifest (for editor validation of TOML)."""
+    from .manifest import TierManifest
+
+    _emit_json(TierManifest.model_json_schema())
+
+
+@main.command("new-tier")
+@click.argument("name")
+@click.option("--from", "base", default="plus", show_default=True, help="Tier to start from.")
+@click.option("--dir", "directory", type=click.Path(path_type=Path), help="Where to write (default: user tier dir).")
+def new_tier(name: str, base: str, directory: Path | None) -> None:
+    """Write a user manifest for tier NAME, starting from an existing tier."""
+    from .new_tier import write_new_tier
+
+    path = write_new_tier(name, base, directory)
+    click.echo(f"wrote {path}")
+
+
+@main.command("make-tiny")
+@click.argument("arch")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True)
+def make_tiny(arch: str, out: Path, seed: int) -> None:
+    """Build a tiny random model of ARCH (an mlx-lm model_type) in mlx-lm's format at OUT."""
+    from .tiny_models import build_tiny_model
+
+    path = build_tiny_model(out, arch, seed=seed)
+    click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,184 @@
+"""The Runtime: a loaded tier that generates text. ``load()`` builds one from a tier name."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from typing import Any, Iterator, Sequence, Union
+
+import mlx.core as mx
+
+from .errors import RuntimeClosedError
+from .manifest import TierManifest
+from .plugins import get_registry
+from .protocols import LoadedModel, LoadRequest
+from .resolve import resolve_model
+from .results import Chunk, GenerationResult
+from .system import peak_rss_bytes
+from .tiers import check_admission, resolve_tier
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, Any]
+Prompt = Union[str, Sequence[Message]]
+
+
+def load(tier: str, *, force: bool = False, **overrides: Any) -> "Runtime":
+    """Load a tier by name. Keyword overrides replace manifest knobs (``cache_gb=4, model="/path"``).
+
+    ``force=True`` loads even when the machine has less RAM than the tier asks for.
+    """
+    registry = get_registry()
+    manifest = resolve_tier(tier, registry, overrides)
+    check_admission(manifest, force=force)
+    model_path = resolve_model(manifest.model, manifest.name)
+    loader = registry.create("loader", manifest.loader.name)
+    log.info("loading tier %s from %s with loader %s", manifest.name, model_path, manifest.loader.name)
+    started = time.perf_counter()
+    loaded = loader.load(LoadRequest(manifest, model_path, dict(manifest.loader.options)))
+    log.info("loaded in %.2f s", time.perf_counter() - started)
+    return Runtime(manifest, loaded)
+
+
+class Runtime:
+    """A tier's model, ready to generate. Calls from several threads are serialized."""
+
+    def __init__(self, manifest: TierManifest, loaded: LoadedModel):
+        self.manifest = manifest
+        self._loaded: LoadedModel | None = loaded
+        self._lock = threading.Lock()
+        self.last_result: GenerationResult | None = None
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def model(self) -> Any:
+        return self._require().model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._require().tokenizer
+
+    def _require(self) -> LoadedModel:
+        if self._loaded is None:
+            raise RuntimeClosedError(f"Runtime for tier {self.name!r} is closed; load it again.")
+        return self._loaded
+
+    def engine_stats(self) -> dict[str, Any]:
+        """The engine's statistics since the last generation started."""
+        return self._require().stats()
+
+    def encode(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
+        """Token ids for a prompt: a string (raw, or chat-wrapped) or a list of chat messages."""
+        tokenizer = self.tokenizer
+        defaults = self.manifest.generation
+        if isinstance(prompt, str):
+            use_chat = defaults.use_chat_template if chat is None else chat
+            if not (use_chat and getattr(tokenizer, "chat_template", None)):
+                return list(tokenizer.encode(prompt))
+            messages: list[Message] = [{"role": "user", "content": prompt}]
+        else:
+            messages = [dict(m) for m in prompt]
+        if defaults.system_prompt and not any(m.get("role") == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": defaults.system_prompt})
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        chat: bool | None = None,
+    ) -> Iterator[Chunk]:
+        """Yield text chunks as they are generated; ``self.last_result`` holds the totals after."""
+        from mlx_lm import stream_generate
+        from mlx_lm.sample_utils import make_sampler
+
+        defaults = self.manifest.generation
+        tokens = self.encode(prompt, chat)
+        budget = defaults.max_tokens if max_tokens is None else max_tokens
+        temp = defaults.temperature if temperature is None else temperature
+        sampler = make_sampler(temp=temp, top_p=defaults.top_p if top_p is None else top_p)
+        seed = defaults.seed if seed is None else seed
+        with self._lock:
+            loaded = self._require()
+            if seed is not None:
+                mx.random.seed(seed)
+            loaded.reset_stats()
+            mx.reset_peak_memory()
+            text, out_tokens, last = "", [], None
+            finish: str | None = None
+            for response in stream_generate(loaded.model, loaded.tokenizer, mx.array(tokens),
+                                            max_tokens=budget, sampler=sampler):
+                last = response
+                piece = response.text
+                out_tokens.append(response.token)
+                if stop:
+                    piece, hit = _cut_at_stop(text, piece, stop)
+                    text += piece
+                    if piece:
+                        yield Chunk(piece, response.token)
+                    if hit:
+                        finish = "stop"
+                        break
+                else:
+                    text += piece
+                    if piece:
+                        yield Chunk(piece, response.token)
+                finish = response.finish_reason
+            if last is not None and finish == "stop" and last.finish_reason == "stop":
+                out_tokens = out_tokens[:-1]  # the end-of-sequence token is not part of the text
+            self.last_result = GenerationResult(
+                text=text,
+                tokens=out_tokens,
+                prompt_tokens=len(tokens),
+                generation_tokens=len(out_tokens),
+                prompt_tps=last.prompt_tps if last else 0.0,
+                generation_tps=last.generation_tps if last else 0.0,
+                peak_memory_gb=mx.get_peak_memory() / 1e9,
+                peak_rss_gb=peak_rss_bytes() / 1e9,
+                finish_reason=finish,
+                tier=self.name,
+                engine=loaded.stats(),
+            )
+
+    def generate(self, prompt: Prompt, **options: Any) -> GenerationResult:
+        """Generate a completion and return it with its statistics (see :meth:`stream` for options)."""
+        for _ in self.stream(prompt, **options):
+            pass
+        assert self.last_result is not None
+        return self.last_result
+
+    def close(self) -> None:
+        """Free the model and everything the loader holds. Safe to call twice."""
+        with self._lock:
+            if self._loaded is None:
+                return
+            self._loaded.close()
+            self._loaded = None
+        gc.collect()
+        mx.clear_cache()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _cut_at_stop(before: str, piece: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """Trim ``piece`` at the first stop string that appears in ``before + piece``."""
+    combined = before + piece
+    positions = [combined.find(s, max(0, len(before) - len(s) + 1)) for s in stops if s]
+    positions = [p for p in positions if p >= 0]
+    if not positions:
+        return piece, False
+    return combined[len(before):min(positions)] if min(positions) >= len(before) else "", True

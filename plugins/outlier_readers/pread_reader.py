@@ -1,0 +1,24 @@
+"""``pread``: one positional read per requested range, one after another."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from outlier_runtime.protocols import ReadRequest
+
+from .files import FileTable, pread_into
+
+
+class PreadReader:
+    """The product's baseline: a plain read per tensor range, in the calling thread."""
+
+    def __init__(self) -> None:
+        self._files = FileTable()
+        self.stats = {"reader": "pread", "io_mode": "buffered"}
+
+    def read(self, requests: Sequence[ReadRequest]) -> None:
+        for request in requests:
+            pread_into(self._files.fd(request.path), request.out, request.offset, request.path)
+
+    def close(self) -> None:
+        self._files.close()
