@@ -34,7 +34,7 @@ __version__ = "0.1.0"
 
 def tiers() -> list[dict[str, Any]]:
     """Every known tier, with whether this machine can run it (RAM >= min_ram_gb x 1.15)."""
-    from .plugins import get_registry
+    from .plugin_manager import get_registry
     from .tiers import list_tiers
 
     return [status.to_dict() for status in list_tiers(get_registry())]
@@ -42,7 +42,7 @@ def tiers() -> list[dict[str, Any]]:
 
 def plugins() -> list[dict[str, Any]]:
     """Every loaded plugin, the distribution it came from, and what it registers."""
-    from .plugins import plugin_infos
+    from .plugin_manager import plugin_infos
 
     return [info.to_dict() for info in plugin_infos()]
 

@@ -62,7 +62,7 @@ def tiers(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(tier: str, as_json: bool) -> None:
     """Show a tier's merged manifest and where it came from."""
-    from .plugins import get_registry
+    from .plugin_manager import get_registry
     from .tiers import admission, discover, resolve_tier
 
     manifest = resolve_tier(tier, get_registry())

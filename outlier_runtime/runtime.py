@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from .errors import RuntimeClosedError
 from .manifest import TierManifest
-from .plugins import get_registry
+from .plugin_manager import get_registry
 from .protocols import LoadedModel, LoadRequest
 from .resolve import resolve_model
 from .results import Chunk, GenerationResult

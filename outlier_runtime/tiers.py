@@ -22,7 +22,7 @@ import psutil
 
 from .errors import AdmissionError, ManifestError, TierNotFoundError
 from .manifest import TierManifest, read_toml, validate_manifest
-from .plugins import Registry
+from .plugin_manager import Registry
 
 TIERS_PATH_ENV = "OUTLIER_TIERS_PATH"
 HOME_ENV = "OUTLIER_HOME"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import inspect
 import io
 import json
 import math
@@ -169,19 +170,15 @@ def _qwen3_moe(shape: Shape) -> dict[str, Any]:
 def _qwen3_5_moe(shape: Shape) -> dict[str, Any]:
     # Linear-attention (gated delta) layers with a full-attention layer every
     # `interval`; production uses 4. Capped by the layer count because mlx-lm indexes
-    # the cache of layer `interval - 1` to build the attention mask.
+    # the cache of layer `interval - 1` to build the attention mask. transformers derives
+    # layer_types from the same key, so the config carries no layer_types of its own.
     interval = min(4, shape.num_layers)
-    layer_types = [
-        "full_attention" if (i + 1) % interval == 0 else "linear_attention"
-        for i in range(shape.num_layers)
-    ]
     text_config = {
         "model_type": "qwen3_5_moe_text",
         **_attention(shape),
         "vocab_size": shape.vocab_size,
         "hidden_size": shape.hidden_size,
         "num_hidden_layers": shape.num_layers,
-        "layer_types": layer_types,
         "full_attention_interval": interval,
         # Head dims of 32 keep the Metal gated-delta kernel eligible on Apple Silicon.
         "linear_num_key_heads": 2,
@@ -251,13 +248,23 @@ def _gpt_oss(shape: Shape) -> dict[str, Any]:
     }
 
 
+def _dense(name: str, make_config: Callable[[Shape], dict[str, Any]]) -> TinyArchitecture:
+    return TinyArchitecture(name, False, None, 2, 0, 0, make_config)
+
+
+def _moe(name: str, make_config, *, experts_at: str, layers: int, experts: int, top_k: int):
+    return TinyArchitecture(name, True, experts_at, layers, experts, top_k, make_config)
+
+
+#: Every architecture tiny_model builds. The MoE ones make every layer a MoE layer.
 ARCHITECTURES: tuple[TinyArchitecture, ...] = (
-    TinyArchitecture("llama", False, None, 2, 0, 0, _llama),
-    TinyArchitecture("qwen3", False, None, 2, 0, 0, _qwen3),
-    TinyArchitecture("qwen3_moe", True, "switch_mlp", 2, 16, 4, _qwen3_moe),
-    TinyArchitecture("qwen3_5_moe", True, "switch_mlp", 4, 16, 4, _qwen3_5_moe),
-    TinyArchitecture("mixtral", True, "switch_mlp", 2, 8, 2, _mixtral),
-    TinyArchitecture("gpt_oss", True, "experts", 2, 8, 4, _gpt_oss),
+    _dense("llama", _llama),
+    _dense("qwen3", _qwen3),
+    _moe("qwen3_moe", _qwen3_moe, experts_at="switch_mlp", layers=2, experts=16, top_k=4),
+    # The production architecture: 3 linear-attention layers, then 1 full attention.
+    _moe("qwen3_5_moe", _qwen3_5_moe, experts_at="switch_mlp", layers=4, experts=16, top_k=4),
+    _moe("mixtral", _mixtral, experts_at="switch_mlp", layers=2, experts=8, top_k=2),
+    _moe("gpt_oss", _gpt_oss, experts_at="experts", layers=2, experts=8, top_k=4),
 )
 MOE_ARCHITECTURES = tuple(a.name for a in ARCHITECTURES if a.is_moe)
 
@@ -315,16 +322,16 @@ def _qwen_style(tokenizer: Tokenizer) -> Tokenizer:
 # ------------------------------------------------------------------------------ weights
 
 
-def _key_for(seed: int, name: str) -> mx.array:
+def _key_for(seed: int, arch: str, name: str) -> mx.array:
     # One key per parameter name: the weights do not depend on construction order or
-    # on whatever else used the global random state.
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    # on whatever else used the global random state. The arch is mixed in so that two
+    # architectures sharing parameter names (llama, qwen3) still get different weights.
+    digest = hashlib.sha256(f"{seed}:{arch}:{name}".encode()).digest()
     return mx.random.key(int.from_bytes(digest[:8], "little"))
 
 
-def _initial_value(name: str, current: mx.array, seed: int) -> mx.array:
-    """A seeded random value for one parameter, scaled so activations stay O(1)."""
-    key = _key_for(seed, name)
+def _initial_value(name: str, current: mx.array, key: mx.array) -> mx.array:
+    """A random value for one parameter drawn from ``key``, scaled so activations stay O(1)."""
     leaf = name.rsplit(".", 1)[-1]
     if leaf == "A_log":  # gated-delta decay rates, drawn as mlx-lm draws them
         return mx.log(mx.random.uniform(1.0, 16.0, current.shape, key=key))
@@ -341,9 +348,10 @@ def _initial_value(name: str, current: mx.array, seed: int) -> mx.array:
     return mx.random.normal(current.shape, key=key) * (fan_in**-0.5)
 
 
-def _randomize(model: nn.Module, seed: int) -> None:
+def _randomize(model: nn.Module, arch: str, seed: int) -> None:
     params = tree_flatten(model.parameters())
-    model.update(tree_unflatten([(n, _initial_value(n, v, seed)) for n, v in params]))
+    values = [(n, _initial_value(n, v, _key_for(seed, arch, n))) for n, v in params]
+    model.update(tree_unflatten(values))
     mx.eval(model.parameters())
 
 
@@ -485,7 +493,7 @@ def build_tiny_model(
 
     module = importlib.import_module(f"mlx_lm.models.{arch}")
     model = module.Model(module.ModelArgs.from_dict(config))
-    _randomize(model, seed)
+    _randomize(model, arch, seed)
     if quantize:
         # quantize_model applies the model's own quant_predicate (8-bit routers, etc.)
         # and records per-layer exceptions in the config; it prints a summary line.
@@ -514,13 +522,15 @@ def tiny_model(arch: str, *, cache_dir: Path | str | None = None, **build_kwargs
     ``cache_dir``, else :func:`default_cache_dir`.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = {
-        "arch": arch,
-        "builder": BUILDER_VERSION,
-        "mlx_lm": mlx_lm.__version__,
-        **build_kwargs,
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    # Bind to build_tiny_model's signature so that seed=0 and no seed share one entry.
+    bound = inspect.signature(build_tiny_model).bind(None, arch, cache_dir=cache, **build_kwargs)
+    bound.apply_defaults()
+    key = dict(bound.arguments)
+    key.update(key.pop("config_overrides"))
+    for unkeyed in ("out_dir", "cache_dir"):
+        key.pop(unkeyed)
+    key.update(builder=BUILDER_VERSION, mlx_lm=mlx_lm.__version__)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     target = cache / f"{arch}-{digest[:16]}"
     if not target.exists():
         with _building(target) as tmp:

@@ -19,7 +19,7 @@ from outlier_runtime.experts import (
     set_experts_per_token,
 )
 from outlier_runtime.manifest import PagingSection
-from outlier_runtime.plugins import get_registry
+from outlier_runtime.plugin_manager import get_registry
 from outlier_runtime.protocols import LoadedModel, LoadRequest
 
 from .store import ExpertStore, LayerSlots

@@ -1,0 +1,37 @@
+"""Shared fixtures: an isolated outlier home, and tiny models built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from outlier_runtime import plugin_manager
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_cache: Path):
+    """``tiny(arch, **kwargs)`` -> path of a tiny model, built once per session."""
+    from outlier_runtime.tiny_models import tiny_model
+
+    def build(arch: str, **kwargs) -> Path:
+        return tiny_model(arch, cache_dir=tiny_cache, **kwargs)
+
+    return build
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No test reads or writes the developer's ~/.config/outlier."""
+    home = tmp_path / "outlier-home"
+    monkeypatch.setenv("OUTLIER_HOME", str(home))
+    monkeypatch.delenv("OUTLIER_TIERS_PATH", raising=False)
+    monkeypatch.delenv("OUTLIER_MMAP_EXPERTS", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield home
+    plugin_manager.reset()
