@@ -103,6 +103,18 @@ class ExpertTensor:
         return self.entry.path, self.entry.offset + expert * self.expert_nbytes, self.expert_nbytes
 
 
+@dataclass(frozen=True)
+class PackedLayer:
+    """A layer's experts rewritten as one aligned record each: expert e at ``e * stride``."""
+
+    path: str
+    stride: int
+    #: Bytes to read per expert: the record rounded up to the read alignment.
+    read_length: int
+    #: Optional CRC32 of each expert's record (computed at pack time).
+    checksums: tuple[int, ...] | None = None
+
+
 @dataclass
 class ExpertLayer:
     """All stacked expert tensors of one MoE layer. An expert's record is its tensors back to back."""
@@ -113,6 +125,8 @@ class ExpertLayer:
     tensors: list[ExpertTensor]
     #: Byte offset of each tensor inside an expert's record.
     record_offsets: list[int] = field(default_factory=list)
+    #: Where the layer's packed records live, when a valid pack is in use.
+    packed: PackedLayer | None = None
 
     def __post_init__(self) -> None:
         offsets, total = [], 0
@@ -121,6 +135,20 @@ class ExpertLayer:
             total += tensor.expert_nbytes
         self.record_offsets = offsets
         self.expert_nbytes = total
+
+    @property
+    def read_nbytes(self) -> int:
+        """Size of the buffer one expert is read into (padded for aligned pack reads)."""
+        return self.packed.read_length if self.packed else self.expert_nbytes
+
+    def read_ranges(self, expert: int) -> list[tuple[str, int, int, int]]:
+        """(path, file offset, length, offset in the record buffer) for each read of one expert.
+
+        From a pack: one aligned read. From the shards: one read per stacked tensor.
+        """
+        if self.packed is not None:
+            return [(self.packed.path, expert * self.packed.stride, self.packed.read_length, 0)]
+        return [(*t.range_of(expert), start) for t, start in zip(self.tensors, self.record_offsets)]
 
 
 @dataclass

@@ -33,7 +33,6 @@ import mlx.nn as nn
 import mlx_lm
 import mlx_lm.utils
 from mlx.utils import tree_flatten, tree_unflatten
-
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 
 from .errors import OutlierError
@@ -100,10 +99,6 @@ class TinyArchitecture:
     def text_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """The dict holding the model's hyperparameters (nested for multimodal wrappers)."""
         return config.get("text_config", config)
-
-
-# Hidden 128 (not 64) so every quantized row holds two groups of 64: a reader that mixes
-# up the scales' layout gives wrong numbers instead of passing by luck.
 
 
 def _attention(shape: Shape) -> dict[str, Any]:
@@ -252,7 +247,15 @@ def _dense(name: str, make_config: Callable[[Shape], dict[str, Any]]) -> TinyArc
     return TinyArchitecture(name, False, None, 2, 0, 0, make_config)
 
 
-def _moe(name: str, make_config, *, experts_at: str, layers: int, experts: int, top_k: int):
+def _moe(
+    name: str,
+    make_config: Callable[[Shape], dict[str, Any]],
+    *,
+    experts_at: str,
+    layers: int,
+    experts: int,
+    top_k: int,
+) -> TinyArchitecture:
     return TinyArchitecture(name, True, experts_at, layers, experts, top_k, make_config)
 
 
@@ -282,7 +285,11 @@ def architecture(name: str) -> TinyArchitecture:
 
 
 def default_cache_dir() -> Path:
-    """$OUTLIER_TINY_CACHE, else $OUTLIER_HOME/tiny-models, else ~/.cache/outlier-runtime/tiny-models."""
+    """Where tiny models are cached when no cache_dir is given.
+
+    ``$OUTLIER_TINY_CACHE``, else ``$OUTLIER_HOME/tiny-models``, else
+    ``~/.cache/outlier-runtime/tiny-models``.
+    """
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
     if os.environ.get(HOME_ENV):
@@ -296,7 +303,9 @@ def tokenizer_corpus() -> list[Path]:
     return [root / name for name in TOKENIZER_CORPUS]
 
 
-def tiny_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, *, cache_dir: Path | str | None = None) -> Path:
+def tiny_tokenizer(
+    vocab_size: int = DEFAULT_VOCAB_SIZE, *, cache_dir: Path | str | None = None
+) -> Path:
     """A directory holding the tiny BPE tokenizer's files; trained once per vocab size."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache / "tokenizers" / f"bpe-{vocab_size}"
@@ -431,6 +440,8 @@ def tiny_config(
     spec = architecture(arch)
     shape = Shape(
         vocab_size=vocab_size,
+        # 128, not 64, so every quantized row holds two groups of 64: a reader that
+        # mixes up the scales' layout gives wrong numbers instead of passing by luck.
         hidden_size=hidden_size or 128,
         num_layers=num_layers or spec.default_layers,
         num_experts=(num_experts or spec.default_experts) if spec.is_moe else 0,
@@ -526,7 +537,6 @@ def tiny_model(arch: str, *, cache_dir: Path | str | None = None, **build_kwargs
     bound = inspect.signature(build_tiny_model).bind(None, arch, cache_dir=cache, **build_kwargs)
     bound.apply_defaults()
     key = dict(bound.arguments)
-    key.update(key.pop("config_overrides"))
     for unkeyed in ("out_dir", "cache_dir"):
         key.pop(unkeyed)
     key.update(builder=BUILDER_VERSION, mlx_lm=mlx_lm.__version__)

@@ -96,7 +96,7 @@ def test_quantized_weights_have_float32_scales(loaded, arch):
     scales = {name: dtype for name, (dtype, _, _) in tensors.items() if name.endswith(".scales")}
     assert scales, f"{arch}: nothing was quantized"
     assert set(scales.values()) == {"F32"}
-    packed = [n for n, (dtype, _, _) in tensors.items() if n.endswith(".weight") and dtype == "U32"]
+    packed = [n for n, (dtype, _, _) in tensors.items() if n.endswith("weight") and dtype == "U32"]
     assert any("embed_tokens" in n for n in packed)
 
 
@@ -151,7 +151,9 @@ def test_qwen3_5_moe_mixes_linear_and_full_attention_with_a_shared_expert(loaded
 
 
 def test_sizes_and_routing_follow_the_arguments(cache):
-    path = tiny_model("qwen3_5_moe", cache_dir=cache, num_experts=12, top_k=3, num_layers=2, hidden_size=64)
+    path = tiny_model(
+        "qwen3_5_moe", cache_dir=cache, num_experts=12, top_k=3, num_layers=2, hidden_size=64
+    )
     model, _ = mlx_lm.load(str(path))
     assert [layer.is_linear for layer in model.layers] == [True, False]
     block = model.layers[1].mlp
@@ -175,7 +177,10 @@ def test_mlx_lm_tokenizer_encodes_like_tokenizer_json(loaded, arch):
     path, _, tokenizer = loaded(arch)
     raw = Tokenizer.from_file(str(path / "tokenizer.json"))
     texts = [p.read_text(encoding="utf-8") for p in tokenizer_corpus()[:3]]
-    texts += ["Cafe\u0301 na\u00efve 12345\r\n\r\n\t\tx  = 'y'  # 😀", "<|im_start|>user\nhi<|im_end|>\n"]
+    texts += [
+        "Cafe\u0301 na\u00efve 12345\r\n\r\n\t\tx  = 'y'  # 😀",  # NFC, digits, CRLF
+        "<|im_start|>user\nhi<|im_end|>\n",
+    ]
     for text in texts:
         assert tokenizer.encode(text) == raw.encode(text).ids
 
@@ -230,7 +235,7 @@ def test_tiny_model_is_cached_by_its_arguments(cache, monkeypatch):
     def no_rebuild(*args, **kwargs):
         raise AssertionError("a cached model was rebuilt")
 
-    monkeypatch.setattr(tiny_models, "build_tiny_model", no_rebuild)
+    monkeypatch.setattr(tiny_models.mlx_lm.utils, "save_model", no_rebuild)
     assert tiny_model("mixtral", cache_dir=cache) == first
 
 

@@ -19,6 +19,7 @@ from outlier_runtime.experts import (
     set_experts_per_token,
 )
 from outlier_runtime.manifest import PagingSection
+from outlier_runtime.pack import attach_pack
 from outlier_runtime.plugin_manager import get_registry
 from outlier_runtime.protocols import LoadedModel, LoadRequest
 
@@ -72,6 +73,14 @@ class PagedMoELoader:
                 f"{path}: model has no expert switch layers; use the 'dense' loader for it", str(path)
             )
         index = build_expert_index(sites, read_checkpoint(path))
+        pack = "not used"
+        if paging.use_pack:
+            try:
+                pack = "used" if attach_pack(path, index) else "none"
+            except CheckpointError as exc:
+                # A pack that does not match its shards is refused, never used: read the shards.
+                log.warning("%s", exc)
+                pack = f"refused: {exc}"
         if paging.experts_per_token is not None:
             for site in sites:
                 set_experts_per_token(site, paging.experts_per_token)
@@ -95,10 +104,13 @@ class PagedMoELoader:
             "expert_bytes": index.layers[0].expert_nbytes,
             "total_expert_bytes": index.total_expert_bytes,
             "non_expert_bytes": non_expert_bytes,
+            "pack": pack,
+            "verify_checksums": paging.verify_checksums,
         }
         store = ExpertStore(
             index, num_slots, ram_budget, reader,
             lambda: registry.create("cache_policy", paging.cache_policy), info,
+            verify_checksums=paging.verify_checksums,
         )
         for number, (site, slots) in enumerate(zip(sites, store.layers)):
             _install_slot_buffers(site, slots)

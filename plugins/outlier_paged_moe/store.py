@@ -14,17 +14,25 @@ from __future__ import annotations
 
 import threading
 import time
+import zlib
 from typing import Any, Callable, Hashable
 
 import mlx.core as mx
 import numpy as np
 
+from outlier_runtime.buffers import aligned_empty
+from outlier_runtime.errors import ExpertReadError
 from outlier_runtime.experts import ExpertIndex, ExpertLayer
 from outlier_runtime.protocols import CachePolicy, Reader, ReadRequest
 
 from .stats import LayerStats, snapshot
 
 EMPTY = -1
+
+
+def _footprint(record: np.ndarray) -> int:
+    """Bytes a record keeps alive: its whole (padded, aligned) allocation, not just its view."""
+    return record.base.nbytes if record.base is not None else record.nbytes
 
 
 class RamCache:
@@ -43,18 +51,19 @@ class RamCache:
         return record
 
     def put(self, key: Hashable, record: np.ndarray) -> None:
-        if record.nbytes > self.budget or key in self._records:
+        size = _footprint(record)
+        if size > self.budget or key in self._records:
             return
-        while self.used + record.nbytes > self.budget:
+        while self.used + size > self.budget:
             self.drop(self.policy.choose_victim(self._records.keys()))
         self._records[key] = record
-        self.used += record.nbytes
+        self.used += size
         self.policy.accessed(key)
 
     def drop(self, key: Hashable) -> None:
         record = self._records.pop(key, None)
         if record is not None:
-            self.used -= record.nbytes
+            self.used -= _footprint(record)
             self.policy.evicted(key)
 
     def clear(self) -> None:
@@ -99,6 +108,19 @@ class LayerSlots:
         self.slot_of[expert] = slot
 
 
+def _verify(layer: ExpertLayer, expert: int, record: np.ndarray) -> None:
+    """Compare a record with the CRC32 the pack recorded; a flipped byte is an error, not a result."""
+    sums = layer.packed.checksums if layer.packed else None
+    if sums is None:
+        return
+    if zlib.crc32(record) != sums[expert]:
+        path = layer.packed.path
+        raise ExpertReadError(
+            f"{path}: expert {expert} of {layer.path} fails its checksum (corrupt disk or file); "
+            f"rebuild the pack with `outlier pack`", path
+        )
+
+
 class ExpertStore:
     """Makes sure the experts a step needs are in slots, reading misses from RAM or disk."""
 
@@ -110,6 +132,7 @@ class ExpertStore:
         reader: Reader,
         make_policy: Callable[[], CachePolicy],
         info: dict[str, Any] | None = None,
+        verify_checksums: bool = False,
     ):
         self.index = index
         self.reader = reader
@@ -117,6 +140,7 @@ class ExpertStore:
         self.ram = RamCache(ram_budget, make_policy())
         self.stats = [LayerStats() for _ in index.layers]
         self.info = dict(info or {})
+        self.verify_checksums = verify_checksums
         self._lock = threading.RLock()
 
     def ensure(self, layer_number: int, experts: np.ndarray) -> np.ndarray:
@@ -161,21 +185,23 @@ class ExpertStore:
             else:
                 to_read.append(expert)
         if to_read:
-            fresh = {expert: np.empty(layer.expert_nbytes, dtype=np.uint8) for expert in to_read}
+            buffers = {expert: aligned_empty(layer.read_nbytes) for expert in to_read}
             requests = []
-            for expert, record in fresh.items():
-                view = memoryview(record)
-                for tensor, start in zip(layer.tensors, layer.record_offsets):
-                    path, offset, length = tensor.range_of(expert)
+            for expert, buffer in buffers.items():
+                view = memoryview(buffer)
+                for path, offset, length, start in layer.read_ranges(expert):
                     requests.append(ReadRequest(path, offset, length, view[start:start + length]))
             started = time.perf_counter()
             self.reader.read(requests)  # raises before anything is marked valid
             stats.read_seconds += time.perf_counter() - started
             stats.misses += len(to_read)
             stats.bytes_read += layer.expert_nbytes * len(to_read)
-            for expert, record in fresh.items():
+            for expert, buffer in buffers.items():
+                record = buffer[:layer.expert_nbytes]
+                if self.verify_checksums:
+                    _verify(layer, expert, record)
                 self.ram.put((layer.index, expert), record)
-            records.update(fresh)
+                records[expert] = record
         return records
 
     def reset_stats(self) -> None:
