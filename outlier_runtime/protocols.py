@@ -89,7 +89,15 @@ class Loader(Protocol):
 
 @runtime_checkable
 class Prefetcher(Protocol):
-    """Guesses which experts a layer will need next, so their reads start early."""
+    """Guesses which experts the next MoE layer will need, so their reads start early.
 
-    def predict(self, layer: int, hidden: Any, next_layer: Any) -> Sequence[int]:
-        """Expert ids of ``next_layer`` worth reading ahead, given ``layer``'s input ``hidden``."""
+    A guess only costs bandwidth: a wrong one never changes results (the step reads what it
+    really needs), so prefetchers may be approximate.
+    """
+
+    def predict(self, layer: int, hidden: Any, next_block: Any) -> Sequence[int]:
+        """Expert ids of MoE layer ``layer + 1`` worth reading ahead.
+
+        ``hidden`` is the input of MoE layer ``layer``'s experts; ``next_block`` is the
+        MoE block (router and experts) of layer ``layer + 1``.
+        """

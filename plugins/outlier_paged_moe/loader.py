@@ -21,7 +21,7 @@ from outlier_runtime.experts import (
 from outlier_runtime.manifest import PagingSection
 from outlier_runtime.pack import attach_pack
 from outlier_runtime.plugin_manager import get_registry
-from outlier_runtime.protocols import LoadedModel, LoadRequest
+from outlier_runtime.protocols import LoadedModel, LoadRequest, Prefetcher
 
 from .store import ExpertStore, LayerSlots
 from .switch import PagedSwitch
@@ -55,6 +55,13 @@ def _install_slot_buffers(site: SwitchSite, slots: LayerSlots) -> None:
         for part in owner_path:
             owner = owner[int(part)] if isinstance(owner, list) else owner[part]
         setattr(owner, attr, buffer)
+
+
+def _prefetch_next(store: ExpertStore, prefetcher: Prefetcher, number: int, next_site: SwitchSite):
+    def prefetch(hidden: mx.array) -> None:
+        store.prefetch(number + 1, prefetcher.predict(number, hidden, next_site.block))
+
+    return prefetch
 
 
 class PagedMoELoader:
@@ -105,6 +112,7 @@ class PagedMoELoader:
             "total_expert_bytes": index.total_expert_bytes,
             "non_expert_bytes": non_expert_bytes,
             "pack": pack,
+            "prefetcher": paging.prefetcher,
             "verify_checksums": paging.verify_checksums,
         }
         store = ExpertStore(
@@ -112,9 +120,15 @@ class PagedMoELoader:
             lambda: registry.create("cache_policy", paging.cache_policy), info,
             verify_checksums=paging.verify_checksums,
         )
+        prefetcher = None
+        if paging.prefetcher is not None:
+            prefetcher = registry.create("prefetcher", paging.prefetcher)
         for number, (site, slots) in enumerate(zip(sites, store.layers)):
             _install_slot_buffers(site, slots)
-            site.replace(PagedSwitch(site.module, store, number))
+            prefetch = None
+            if prefetcher is not None and number + 1 < len(sites):
+                prefetch = _prefetch_next(store, prefetcher, number, sites[number + 1])
+            site.replace(PagedSwitch(site.module, store, number, prefetch))
         mx.eval([slots.buffers for slots in store.layers])
         if not paging.lazy_load:
             mx.eval(model.parameters())  # read every non-expert weight now, not on first use

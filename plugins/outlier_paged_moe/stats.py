@@ -18,6 +18,7 @@ class LayerStats:
     evictions: int = 0
     passes: int = 0
     prefetched: int = 0
+    prefetch_bytes: int = 0
     prefetch_used: int = 0
 
     def add(self, other: "LayerStats") -> None:
@@ -48,6 +49,7 @@ def snapshot(layers: list[LayerStats], resident: list[int], expert_nbytes: list[
         slot_hit_rate=total.slot_hits / lookups if lookups else 0.0,
         slot_resident_bytes=sum(r["resident_bytes"] for r in per_layer),
         ram_cache_bytes=ram_bytes,
+        prefetch_wasted=total.prefetched - total.prefetch_used,
         read_bandwidth_gbps=total.bytes_read / total.read_seconds / 1e9 if total.read_seconds else 0.0,
     )
     return {"total": totals, "layers": per_layer, **extra}

@@ -15,7 +15,8 @@ from __future__ import annotations
 import threading
 import time
 import zlib
-from typing import Any, Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Hashable, Iterable
 
 import mlx.core as mx
 import numpy as np
@@ -59,6 +60,9 @@ class RamCache:
         self._records[key] = record
         self.used += size
         self.policy.accessed(key)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._records
 
     def drop(self, key: Hashable) -> None:
         record = self._records.pop(key, None)
@@ -108,6 +112,14 @@ class LayerSlots:
         self.slot_of[expert] = slot
 
 
+def _result_or_none(future: Future) -> np.ndarray | None:
+    """A prefetch's record, or None if its read failed (the demand path then reads it again)."""
+    try:
+        return future.result()
+    except Exception:  # noqa: BLE001 - a failed guess must never fail the step that did not need it
+        return None
+
+
 def _verify(layer: ExpertLayer, expert: int, record: np.ndarray) -> None:
     """Compare a record with the CRC32 the pack recorded; a flipped byte is an error, not a result."""
     sums = layer.packed.checksums if layer.packed else None
@@ -142,6 +154,10 @@ class ExpertStore:
         self.info = dict(info or {})
         self.verify_checksums = verify_checksums
         self._lock = threading.RLock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._inflight: dict[tuple[int, int], Future] = {}
+        #: Prefetched records in the RAM cache that no step has used yet.
+        self._prefetched: set[tuple[int, int]] = set()
 
     def ensure(self, layer_number: int, experts: np.ndarray) -> np.ndarray:
         """Make ``experts`` (distinct ids, at most the layer's slot count) resident; return their slots."""
@@ -174,35 +190,93 @@ class ExpertStore:
         return free
 
     def _fetch(self, layer: ExpertLayer, experts: list[int], stats: LayerStats) -> dict[int, np.ndarray]:
-        """Records of ``experts``: from the RAM cache when there, else one batch of disk reads."""
+        """Records of ``experts``: from the RAM cache or a prefetch in flight, else one batch of reads."""
+        self._harvest_prefetches()
         records: dict[int, np.ndarray] = {}
         to_read = []
         for expert in experts:
-            record = self.ram.get((layer.index, expert))
+            key = (layer.index, expert)
+            pending = self._inflight.pop(key, None)
+            if pending is not None:
+                record = _result_or_none(pending)  # waits for the read; a failed one is retried below
+                if record is not None:
+                    self.ram.put(key, record)
+                    records[expert] = record
+                    stats.ram_hits += 1
+                    stats.prefetch_used += 1
+                    continue
+            record = self.ram.get(key)
             if record is not None:
                 records[expert] = record
                 stats.ram_hits += 1
+                if key in self._prefetched:
+                    stats.prefetch_used += 1
+                    self._prefetched.discard(key)
             else:
                 to_read.append(expert)
         if to_read:
-            buffers = {expert: aligned_empty(layer.read_nbytes) for expert in to_read}
-            requests = []
-            for expert, buffer in buffers.items():
-                view = memoryview(buffer)
-                for path, offset, length, start in layer.read_ranges(expert):
-                    requests.append(ReadRequest(path, offset, length, view[start:start + length]))
+            self._prefetched.difference_update((layer.index, e) for e in to_read)
             started = time.perf_counter()
-            self.reader.read(requests)  # raises before anything is marked valid
+            fresh = self._read(layer, to_read)  # raises before anything is marked valid
             stats.read_seconds += time.perf_counter() - started
             stats.misses += len(to_read)
             stats.bytes_read += layer.expert_nbytes * len(to_read)
-            for expert, buffer in buffers.items():
-                record = buffer[:layer.expert_nbytes]
-                if self.verify_checksums:
-                    _verify(layer, expert, record)
+            for expert, record in fresh.items():
                 self.ram.put((layer.index, expert), record)
-                records[expert] = record
+            records.update(fresh)
         return records
+
+    def _read(self, layer: ExpertLayer, experts: list[int]) -> dict[int, np.ndarray]:
+        """Read whole expert records in one reader call (thread safe: touches no cache state)."""
+        buffers = {expert: aligned_empty(layer.read_nbytes) for expert in experts}
+        requests = []
+        for expert, buffer in buffers.items():
+            view = memoryview(buffer)
+            for path, offset, length, start in layer.read_ranges(expert):
+                requests.append(ReadRequest(path, offset, length, view[start:start + length]))
+        self.reader.read(requests)
+        records = {}
+        for expert, buffer in buffers.items():
+            records[expert] = buffer[:layer.expert_nbytes]
+            if self.verify_checksums:
+                _verify(layer, expert, records[expert])
+        return records
+
+    def prefetch(self, layer_number: int, experts: Iterable[int]) -> None:
+        """Start reading experts of a layer that will probably be needed soon, in the background.
+
+        Finished reads land in the RAM cache, so prefetching needs a RAM-cache budget.
+        """
+        if self.ram.budget == 0:
+            return
+        with self._lock:
+            self._harvest_prefetches()
+            slots = self.layers[layer_number]
+            wanted = [
+                int(e) for e in experts
+                if int(e) not in slots.slot_of and (layer_number, int(e)) not in self._inflight
+                and (layer_number, int(e)) not in self.ram
+            ]
+            if not wanted:
+                return
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outlier-prefetch")
+            layer = slots.layer
+            stats = self.stats[layer_number]
+            for expert in wanted:
+                self._inflight[(layer_number, expert)] = self._executor.submit(
+                    lambda e=expert: self._read(layer, [e])[e]
+                )
+                stats.prefetched += 1
+                stats.prefetch_bytes += layer.expert_nbytes
+
+    def _harvest_prefetches(self) -> None:
+        """Move finished prefetches into the RAM cache, so they count against its budget."""
+        for key in [k for k, future in self._inflight.items() if future.done()]:
+            record = _result_or_none(self._inflight.pop(key))
+            if record is not None:
+                self.ram.put(key, record)
+                self._prefetched.add(key)
 
     def reset_stats(self) -> None:
         with self._lock:
@@ -220,5 +294,9 @@ class ExpertStore:
 
     def close(self) -> None:
         with self._lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True, cancel_futures=True)
+                self._executor = None
+            self._inflight.clear()
             self.ram.clear()
             self.reader.close()

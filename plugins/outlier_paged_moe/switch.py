@@ -9,7 +9,7 @@ sorting decision, on the same bytes: the result is bit-identical to the resident
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,12 +24,14 @@ SORT_THRESHOLD = 64
 class PagedSwitch(nn.Module):
     """Stands in for a switch module; the original runs on slot buffers."""
 
-    def __init__(self, inner: nn.Module, store: ExpertStore, layer: int):
+    def __init__(self, inner: nn.Module, store: ExpertStore, layer: int,
+                 prefetch: Callable[[mx.array], None] | None = None):
         super().__init__()
         # Plain attributes (not children): the slot buffers are a cache, not model parameters.
         object.__setattr__(self, "_inner", inner)
         object.__setattr__(self, "_store", store)
         object.__setattr__(self, "_layer", layer)
+        object.__setattr__(self, "_prefetch", prefetch)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         # The one host sync per MoE layer: we must know the ids to fetch the experts.
@@ -38,8 +40,13 @@ class PagedSwitch(nn.Module):
         slots = self._store.layers[self._layer]
         if needed.size <= slots.num_slots:
             slots.lut[needed] = self._store.ensure(self._layer, needed)
-            return self._inner(x, mx.array(slots.lut[ids]))
-        return self._in_passes(x, ids, needed)
+            out = self._inner(x, mx.array(slots.lut[ids]))
+        else:
+            out = self._in_passes(x, ids, needed)
+        if self._prefetch is not None:
+            # Start the next layer's likely reads now; they overlap with this layer's compute.
+            self._prefetch(x)
+        return out
 
     def _in_passes(self, x: mx.array, ids: np.ndarray, needed: np.ndarray) -> mx.array:
         """More distinct experts than slots: compute slot-sized groups of experts in turn.

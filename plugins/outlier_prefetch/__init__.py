@@ -1,0 +1,44 @@
+"""Built-in prefetcher ``next-layer-router``: run the next layer's router on this layer's input.
+
+The residual stream changes little from one layer to the next, so the next layer's router
+applied to the current hidden state guesses its experts well (the mixtral-offloading idea).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from outlier_runtime import hookimpl
+from outlier_runtime.experts import TOP_K_ATTRIBUTES
+
+ROUTER_ATTRIBUTES = ("gate", "router")
+
+
+class NextLayerRouterPrefetcher:
+    """Predicts the top ``extra + top_k`` experts of the next layer for the current tokens."""
+
+    def __init__(self, extra: int = 0, max_tokens: int = 1):
+        self.extra = extra
+        # Only decode steps (few tokens) are worth guessing for; prefill reads everything anyway.
+        self.max_tokens = max_tokens
+
+    def predict(self, layer: int, hidden: Any, next_block: Any) -> Sequence[int]:
+        router = next((getattr(next_block, n) for n in ROUTER_ATTRIBUTES if callable(getattr(next_block, n, None))), None)
+        top_k = next((getattr(next_block, n) for n in TOP_K_ATTRIBUTES
+                      if isinstance(getattr(next_block, n, None), int)), None)
+        tokens = hidden.reshape(-1, hidden.shape[-1])
+        if router is None or top_k is None or tokens.shape[0] > self.max_tokens:
+            return ()
+        logits = router(tokens)
+        count = min(top_k + self.extra, logits.shape[-1])
+        best = mx.argpartition(-logits, kth=count - 1, axis=-1)[..., :count]
+        return np.unique(np.asarray(best)).tolist()
+
+
+@hookimpl
+def register_prefetchers(register):
+    register("next-layer-router", NextLayerRouterPrefetcher,
+             "Read ahead the experts the next layer's router picks for this layer's input.")
