@@ -204,6 +204,36 @@ def demo(prompt: str, max_tokens: int, k_override: int, cache_gb: float, reader:
 
 
 @main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback needs an API key.")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", envvar="OUTLIER_API_KEY",
+              help="Require `Authorization: Bearer KEY` on every request (or set OUTLIER_API_KEY).")
+@click.option("--tier", "preload", help="Tier to load at start (--model applies to it); default: on first request.")
+@click.option("--tier-override", "tier_overrides", multiple=True, metavar="TIER=PATH|TIER.KEY=VALUE",
+              help="Serve TIER from a model directory, or set one of its load overrides "
+                   "(e.g. plus.k_override=2, nano.context_window=4096). Repeatable.")
+@_paging_options
+def serve(host: str, port: int, api_key: str | None, preload: str | None, tier_overrides: tuple[str, ...],
+          model: str | None, k_override: int | None, cache_gb: float | None, reader: str | None,
+          cache_policy: str | None, mmap_experts: bool | None, experts_per_token: int | None,
+          force: bool) -> None:
+    """Serve the tiers over an OpenAI-compatible HTTP API (models `outlier-<tier>`)."""
+    from .server import ServerConfig, parse_tier_overrides, serve as run_server
+
+    overrides = parse_tier_overrides(tier_overrides)
+    if model is not None:
+        if preload is None:
+            raise click.UsageError("--model needs --tier: which tier should serve it?")
+        overrides.setdefault(preload, {})["model"] = model
+    # Paging knobs apply to every paged tier; per-tier overrides win over them.
+    paging = _overrides(k_override=k_override, cache_gb=cache_gb, reader=reader, cache_policy=cache_policy,
+                        mmap_experts=mmap_experts, experts_per_token=experts_per_token)
+    run_server(ServerConfig(host=host, port=port, api_key=api_key or None, force=force,
+                            tier_overrides=overrides, paging_overrides=paging, preload=preload))
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins(as_json: bool) -> None:
     """List installed plugins, their distributions and what they register."""

@@ -6,7 +6,7 @@ import gc
 import logging
 import threading
 import time
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Generator, Sequence, Union
 
 import mlx.core as mx
 
@@ -97,7 +97,7 @@ class Runtime:
         seed: int | None = None,
         stop: Sequence[str] = (),
         chat: bool | None = None,
-    ) -> Iterator[Chunk]:
+    ) -> Generator[Chunk, None, GenerationResult]:
         """Yield text chunks as they are generated; ``self.last_result`` holds the totals after."""
         from mlx_lm import stream_generate
         from mlx_lm.sample_utils import make_sampler
@@ -149,13 +149,18 @@ class Runtime:
                 tier=self.name,
                 engine=loaded.stats(),
             )
+            return self.last_result
 
     def generate(self, prompt: Prompt, **options: Any) -> GenerationResult:
         """Generate a completion and return it with its statistics (see :meth:`stream` for options)."""
-        for _ in self.stream(prompt, **options):
-            pass
-        assert self.last_result is not None
-        return self.last_result
+        # The stream's return value, not self.last_result: another thread may set that as soon
+        # as this call releases the lock.
+        chunks = self.stream(prompt, **options)
+        while True:
+            try:
+                next(chunks)
+            except StopIteration as done:
+                return done.value
 
     def close(self) -> None:
         """Free the model and everything the loader holds. Safe to call twice."""

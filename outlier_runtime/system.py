@@ -8,7 +8,18 @@ import sys
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set size (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """The process's peak resident set size.
+
+    On Linux this is VmHWM of /proc/self/status: ru_maxrss survives exec, so a child of a
+    big process would report its parent's peak. Elsewhere ru_maxrss (bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

@@ -1,0 +1,279 @@
+"""The OpenAI wire format the server speaks: request models, error bodies and replies.
+
+Requests are checked strictly. A field this server cannot honour (``n > 1``, ``tools``,
+``logprobs``, ...) is answered with HTTP 400 naming it, never ignored; an unknown field is
+rejected too. The few extras that OpenAI clients send and that change nothing about the
+text (``user``, ``metadata``, ``store``, ...) are declared below and ignored on purpose.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .results import GenerationResult
+
+#: Served tiers are named ``outlier-<tier>`` in ``/v1/models`` and the ``model`` field.
+MODEL_PREFIX = "outlier-"
+
+
+class ApiError(Exception):
+    """An error answered with an OpenAI-style body: ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def validation_error(exc: ValidationError | Any) -> ApiError:
+    """A 400 for the first problem pydantic (or FastAPI's body parsing) found."""
+    errors = exc.errors()
+    if not errors:
+        return ApiError(400, "Invalid request body.")
+    error = errors[0]
+    location = [str(part) for part in error.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    if error.get("type") == "extra_forbidden":
+        return ApiError(400, f"Unrecognized request argument supplied: {param}", param=param,
+                        code="unknown_parameter")
+    if error.get("type") == "json_invalid":
+        return ApiError(400, "The request body is not valid JSON.")
+    where = f"`{param}`: " if param else ""
+    return ApiError(400, f"Invalid request: {where}{error.get('msg')}", param=param, code="invalid_value")
+
+
+def _unset(value: Any) -> bool:
+    return value is None or value is False or value == 0 or value == {} or value == []
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class TextPart(_Strict):
+    """One part of a message's content; only text parts (no images, audio or files)."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    """A chat message for the tokenizer's chat template. Tool and function messages are not supported."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart], None] = None
+    #: Harmless: chat templates have no place for a participant name.
+    name: Optional[str] = None
+
+    def to_template(self) -> dict[str, str]:
+        content = self.content or ""
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        # "developer" is OpenAI's newer name for the system message.
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class _GenerationRequest(_Strict):
+    """Fields shared by chat and text completions."""
+
+    model: str
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: Optional[float] = Field(default=None, ge=0, le=2)
+    top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    # Harmless extras OpenAI clients send: accepted and ignored on purpose.
+    user: Optional[str] = None
+    # Declared so that asking for them gets a clear 400 (see UNSUPPORTED), not "unknown field".
+    n: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+
+    #: field -> (is the value one we can honour?, why not otherwise)
+    UNSUPPORTED: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {
+        "n": (lambda v: v in (None, 1), "only n=1 is supported (one choice per request)"),
+        "logit_bias": (_unset, "logit_bias is not supported"),
+        "presence_penalty": (_unset, "presence_penalty is not supported"),
+        "frequency_penalty": (_unset, "frequency_penalty is not supported"),
+    }
+
+    def check_supported(self) -> None:
+        """Raise a 400 naming the first option this server cannot honour."""
+        for name, (ok, why) in self.UNSUPPORTED.items():
+            if not ok(getattr(self, name)):
+                raise ApiError(400, f"Unsupported parameter `{name}`: {why}.", param=name,
+                               code="unsupported_parameter")
+        if self.stream_options is not None and not self.stream:
+            raise ApiError(400, "`stream_options` is only allowed when `stream` is true.",
+                           param="stream_options", code="invalid_value")
+        if any(not s for s in self.stops()):
+            raise ApiError(400, "Stop sequences must not be empty.", param="stop", code="invalid_value")
+
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    #: The newer name of max_tokens; either may be given.
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    # Harmless extras: bookkeeping fields that do not change the generated text.
+    metadata: Optional[dict[str, str]] = None
+    store: Optional[bool] = None
+    service_tier: Optional[str] = None
+    prompt_cache_key: Optional[str] = None
+    safety_identifier: Optional[str] = None
+    parallel_tool_calls: Optional[bool] = None  # meaningless without tools, which are refused
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    response_format: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+
+    UNSUPPORTED = {
+        **_GenerationRequest.UNSUPPORTED,
+        "tools": (_unset, "tool calling is not supported"),
+        "tool_choice": (lambda v: v in (None, "none"), "tool calling is not supported"),
+        "functions": (_unset, "function calling is not supported"),
+        "function_call": (lambda v: v in (None, "none"), "function calling is not supported"),
+        "logprobs": (_unset, "log probabilities are not supported"),
+        "top_logprobs": (_unset, "log probabilities are not supported"),
+        "response_format": (lambda v: v is None or v == {"type": "text"}, "only plain text responses are supported"),
+        "audio": (lambda v: v is None, "audio output is not supported"),
+        "modalities": (lambda v: v in (None, ["text"]), "only text output is supported"),
+        "prediction": (lambda v: v is None, "predicted outputs are not supported"),
+        "reasoning_effort": (lambda v: v is None, "reasoning_effort is not supported"),
+        "verbosity": (lambda v: v is None, "verbosity is not supported"),
+        "web_search_options": (lambda v: v is None, "web search is not supported"),
+    }
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.max_tokens is not None and self.max_completion_tokens not in (None, self.max_tokens):
+            raise ApiError(400, "Give `max_tokens` or `max_completion_tokens`, not two different values.",
+                           param="max_completion_tokens", code="invalid_value")
+
+    def token_budget(self) -> int | None:
+        return self.max_completion_tokens if self.max_tokens is None else self.max_tokens
+
+
+class CompletionRequest(_GenerationRequest):
+    """``POST /v1/completions`` (raw text, no chat template)."""
+
+    prompt: Union[str, list[str]]
+    best_of: Any = None
+    echo: Any = None
+    logprobs: Any = None
+    suffix: Any = None
+
+    UNSUPPORTED = {
+        **_GenerationRequest.UNSUPPORTED,
+        "prompt": (lambda v: isinstance(v, str) or len(v) == 1, "send one prompt per request"),
+        "best_of": (lambda v: v in (None, 1), "only best_of=1 is supported"),
+        "echo": (_unset, "echo is not supported"),
+        "logprobs": (lambda v: v is None, "log probabilities are not supported"),
+        "suffix": (lambda v: v is None, "suffix (insertion) is not supported"),
+    }
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def token_budget(self) -> int | None:
+        return self.max_tokens
+
+
+def usage(result: GenerationResult) -> dict[str, int]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.generation_tokens,
+        "total_tokens": result.prompt_tokens + result.generation_tokens,
+    }
+
+
+@dataclass
+class Reply:
+    """Builds the response objects (whole, or stream chunks) of one chat or text completion."""
+
+    chat: bool
+    model: str
+    include_usage: bool = False
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _envelope(self, choices: list[dict[str, Any]], stream: bool) -> dict[str, Any]:
+        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if stream and self.chat else "")
+        prefix = "chatcmpl-" if self.chat else "cmpl-"
+        body = {"id": prefix + self.id, "object": kind, "created": self.created, "model": self.model,
+                "choices": choices}
+        if stream and self.include_usage:
+            body["usage"] = None  # as OpenAI does: only the last chunk carries usage
+        return body
+
+    def _choice(self, text: str | None, finish_reason: str | None, *, first: bool = False,
+                stream: bool = True) -> dict[str, Any]:
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        if not stream:
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": finish_reason}
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+        if text:
+            delta["content"] = text
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+    def opening(self) -> dict[str, Any] | None:
+        """Chat streams open with the assistant role; text completions have no opening chunk."""
+        return self._envelope([self._choice(None, None, first=True)], True) if self.chat else None
+
+    def piece(self, text: str) -> dict[str, Any]:
+        return self._envelope([self._choice(text, None)], True)
+
+    def closing(self, result: GenerationResult) -> dict[str, Any]:
+        return self._envelope([self._choice(None, finish_reason(result))], True)
+
+    def usage_chunk(self, result: GenerationResult) -> dict[str, Any]:
+        return {**self._envelope([], True), "usage": usage(result)}
+
+    def whole(self, result: GenerationResult) -> dict[str, Any]:
+        choice = self._choice(result.text, finish_reason(result), stream=False)
+        return {**self._envelope([choice], False), "usage": usage(result)}
+
+
+def finish_reason(result: GenerationResult) -> str:
+    # mlx-lm says "length" at the token budget and "stop" at end-of-sequence or a stop string.
+    return result.finish_reason or "stop"

@@ -1,0 +1,418 @@
+"""``outlier serve``: an OpenAI-compatible HTTP API over the tiers (FastAPI + uvicorn).
+
+One model is resident at a time. Every model operation (loading, switching, generating)
+runs on a single worker thread, so requests queue in arrival order and never interleave
+inside a model; switching tiers closes the previous Runtime before loading the next.
+Streams hand chunks to the event loop through an asyncio queue; a client that goes away
+sets a flag the worker checks between chunks, and the worker stops generating.
+
+The wire format (request models, error bodies, replies) lives in :mod:`.openai_api`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import logging
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+
+from .errors import AdmissionError, OutlierError, TierNotFoundError
+from .openai_api import (
+    MODEL_PREFIX,
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Reply,
+    validation_error,
+)
+from .results import GenerationResult
+from .runtime import Prompt, Runtime
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "OUTLIER_API_KEY"
+
+
+class ServerConfigError(OutlierError):
+    """The server's options are inconsistent or unsafe; nothing was started."""
+
+
+@dataclass
+class ServerConfig:
+    """How ``outlier serve`` runs: where it listens, who may call it, and load overrides."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    force: bool = False
+    #: Load overrides per tier, e.g. ``{"nano": {"model": "/path", "context_window": 512}}``.
+    tier_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Paging overrides for every paged tier, e.g. ``{"k_override": 2, "cache_gb": 0}``.
+    paging_overrides: dict[str, Any] = field(default_factory=dict)
+    #: A tier to load at start; otherwise the first request loads its tier.
+    preload: str | None = None
+
+    def load_overrides(self, tier: str) -> dict[str, Any]:
+        """The overrides ``load(tier, ...)`` gets: paging knobs (paged tiers only), then the tier's own."""
+        from .plugin_manager import get_registry
+        from .tiers import resolve_tier
+
+        per_tier = self.tier_overrides.get(tier, {})
+        paged = resolve_tier(tier, get_registry(), per_tier).paging is not None
+        return {**(self.paging_overrides if paged else {}), **per_tier}
+
+
+def parse_tier_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["nano=/models/x", "plus.k_override=2"]`` -> ``{"nano": {"model": ...}, "plus": {"k_override": 2}}``.
+
+    ``TIER=PATH`` serves TIER from a model directory (or repo id); ``TIER.KEY=VALUE`` sets any
+    load override (``k_override``, ``context_window``, ``paging.reader``, ...), VALUE read as TOML.
+    """
+    from .tiers import overrides_to_data
+
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in items:
+        target, sep, value = item.partition("=")
+        tier, dot, key = target.partition(".")
+        if not sep or not tier or (dot and not key):
+            raise ServerConfigError(
+                f"--tier-override {item!r}: expected TIER=PATH (e.g. nano=/models/tiny) "
+                f"or TIER.KEY=VALUE (e.g. plus.k_override=2)."
+            )
+        if not dot:
+            overrides.setdefault(tier, {})["model"] = value
+            continue
+        try:
+            parsed: Any = tomllib.loads(f"value = {value}")["value"]
+        except tomllib.TOMLDecodeError:
+            parsed = value  # not a TOML literal: a plain string such as a reader name
+        overrides_to_data({key: parsed})  # an unknown key fails here, listing the known ones
+        overrides.setdefault(tier, {})[key] = parsed
+    return overrides
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Refuse to listen beyond this machine without an API key."""
+    if api_key:
+        return
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False  # a host name other than localhost may resolve to anything
+    if not loopback:
+        raise ServerConfigError(
+            f"Refusing to listen on {host!r} without an API key: anyone who can reach it could use "
+            f"the model. Pass --api-key KEY (or set {API_KEY_ENV}), or bind to 127.0.0.1."
+        )
+
+
+@dataclass
+class GenerationJob:
+    """One request's generation, run on the worker; events flow back to the event loop."""
+
+    tier: str
+    prompt: Prompt
+    chat: bool
+    prompt_param: str  # "messages" or "prompt": the field a too-long prompt is blamed on
+    max_tokens: int | None
+    options: dict[str, Any]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, kind: str, value: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is gone: nobody is listening any more
+            self.cancelled.set()
+
+
+class ModelHost:
+    """Holds the one resident Runtime and runs all model work on a single worker thread."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outlier-model")
+        self._runtime: Runtime | None = None
+        self.last_stats: dict[str, Any] | None = None
+
+    @property
+    def loaded_tier(self) -> str | None:
+        runtime = self._runtime
+        return runtime.name if runtime is not None else None
+
+    def served_tiers(self) -> list[dict[str, Any]]:
+        """Tiers with a valid manifest that this machine can run (every valid one with --force)."""
+        import outlier_runtime
+
+        return [row for row in outlier_runtime.tiers()
+                if row["error"] is None and (row["runnable"] or self.config.force)]
+
+    def tier_for(self, model: str) -> str:
+        names = [row["name"] for row in self.served_tiers()]
+        tier = model[len(MODEL_PREFIX):] if model.startswith(MODEL_PREFIX) else None
+        if tier not in names:
+            available = ", ".join(MODEL_PREFIX + name for name in names) or "none"
+            raise ApiError(404, f"The model {model!r} does not exist or cannot run on this machine. "
+                                f"Available: {available}.", param="model", code="model_not_found")
+        return tier
+
+    def submit(self, job: GenerationJob) -> None:
+        self._worker.submit(self._generate, job)
+
+    def preload(self, tier: str) -> None:
+        self._worker.submit(self._ensure, tier)
+
+    def close(self) -> None:
+        """Finish queued work, then free the resident model."""
+        self._worker.submit(self._unload)
+        self._worker.shutdown(wait=True)
+
+    # Everything below runs on the worker thread only.
+
+    def _unload(self) -> None:
+        if self._runtime is not None:
+            log.info("closing tier %s", self._runtime.name)
+            self._runtime.close()
+            self._runtime = None
+
+    def _ensure(self, tier: str) -> Runtime:
+        import outlier_runtime
+
+        if self._runtime is None or self._runtime.name != tier:
+            self._unload()
+            self._runtime = outlier_runtime.load(tier, force=self.config.force,
+                                                 **self.config.load_overrides(tier))
+        return self._runtime
+
+    def _generate(self, job: GenerationJob) -> None:
+        if job.cancelled.is_set():
+            return  # the client left while the request was queued
+        try:
+            runtime = self._ensure(job.tier)
+            prompt_tokens = len(runtime.encode(job.prompt, chat=job.chat))
+            budget = token_budget(runtime, prompt_tokens, job.max_tokens, job.prompt_param)
+            job.emit("started", prompt_tokens)
+            with contextlib.closing(runtime.stream(job.prompt, max_tokens=budget, chat=job.chat,
+                                                   **job.options)) as chunks:
+                for chunk in chunks:
+                    job.emit("chunk", chunk.text)
+                    if job.cancelled.is_set():
+                        log.info("client disconnected: stopped generating on tier %s", job.tier)
+                        return
+            result = runtime.last_result
+            self.last_stats = {"tier": runtime.name, "result": result.to_dict() if result else None}
+            job.emit("done", result)
+        except ApiError as exc:
+            job.emit("error", exc)
+        except (TierNotFoundError, AdmissionError) as exc:
+            job.emit("error", ApiError(400, str(exc), param="model"))
+        except OutlierError as exc:
+            log.error("tier %s failed: %s", job.tier, exc)
+            job.emit("error", ApiError(500, str(exc), type="server_error"))
+        except Exception:
+            log.exception("generation on tier %s failed", job.tier)
+            job.emit("error", ApiError(500, "The server failed while generating; see its log.",
+                                       type="server_error"))
+
+
+def token_budget(runtime: Runtime, prompt_tokens: int, requested: int | None, prompt_param: str) -> int:
+    """Tokens to generate: the request's (validated) or the tier's default, within the context window."""
+    generation = runtime.manifest.generation
+    window = generation.context_window
+    if prompt_tokens >= window:
+        raise ApiError(400, f"This model's maximum context length is {window} tokens, and the prompt has "
+                            f"{prompt_tokens}. Shorten the prompt.",
+                       param=prompt_param, code="context_length_exceeded")
+    if requested is None:
+        return min(generation.max_tokens, window - prompt_tokens)
+    if prompt_tokens + requested > window:
+        raise ApiError(400, f"This model's maximum context length is {window} tokens. However, you requested "
+                            f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} "
+                            f"for the completion). Lower max_tokens or shorten the prompt.",
+                       param="max_tokens", code="context_length_exceeded")
+    return requested
+
+
+class BearerAuth:
+    """ASGI middleware: with an API key set, every request needs ``Authorization: Bearer <key>``."""
+
+    def __init__(self, app: Any, api_key: str):
+        self.app = app
+        self._key = api_key.encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._key):
+                error = ApiError(401, "Incorrect or missing API key: send the header "
+                                      "`Authorization: Bearer <key>`.", code="invalid_api_key")
+                response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _events(job: GenerationJob, request: Request) -> AsyncIterator[tuple[str, Any]]:
+    """The job's events until done or error; stops (and cancels the job) if the client leaves."""
+    try:
+        while True:
+            try:
+                kind, value = await asyncio.wait_for(job.events.get(), timeout=0.5)
+            except asyncio.TimeoutError:  # still queued or loading: is anyone still waiting?
+                if await request.is_disconnected():
+                    return
+                continue
+            yield kind, value
+            if kind in ("done", "error") or await request.is_disconnected():
+                return
+    finally:
+        job.cancelled.set()
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n"
+
+
+async def _respond(request: Request, host: ModelHost, job: GenerationJob, reply: Reply, stream: bool) -> Response:
+    host.submit(job)
+    events = _events(job, request)
+    # Wait for the worker to accept the prompt, so that a bad request gets a plain 400 even when streaming.
+    kind, value = await anext(events, ("gone", None))
+    if kind == "error":
+        await events.aclose()
+        raise value
+    if kind == "gone":
+        return Response(status_code=499)
+
+    if stream:
+        async def body() -> AsyncIterator[str]:
+            async with contextlib.aclosing(events):
+                opening = reply.opening()
+                if opening is not None:
+                    yield _sse(opening)
+                async for kind, value in events:
+                    if kind == "chunk":
+                        yield _sse(reply.piece(value))
+                    elif kind == "error":
+                        yield _sse(value.body())
+                    elif kind == "done":
+                        yield _sse(reply.closing(value))
+                        if reply.include_usage:
+                            yield _sse(reply.usage_chunk(value))
+                        yield _sse("[DONE]")
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    result: GenerationResult | None = None
+    async with contextlib.aclosing(events):
+        async for kind, value in events:
+            if kind == "error":
+                raise value
+            if kind == "done":
+                result = value
+    if result is None:
+        return Response(status_code=499)  # the client left; nobody reads this
+    return JSONResponse(reply.whole(result))
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    """The FastAPI application serving ``config``'s tiers."""
+    host = ModelHost(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if config.preload:
+            host.preload(config.preload)
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, host.close)
+
+    # No interactive docs: they would be reachable without the API key.
+    app = FastAPI(title="outlier-runtime", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.host = host
+    if config.api_key:
+        app.add_middleware(BearerAuth, api_key=config.api_key)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        error = validation_error(exc)
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        error = ApiError(exc.status_code, str(exc.detail))
+        return JSONResponse(error.body(), status_code=exc.status_code)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        data = [{"id": MODEL_PREFIX + row["name"], "object": "model", "created": 0, "owned_by": "outlier-runtime"}
+                for row in host.served_tiers()]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        body.check_supported()
+        tier = host.tier_for(body.model)
+        messages = [message.to_template() for message in body.messages]
+        job = _job(body, tier, messages, chat=True, prompt_param="messages")
+        return await _respond(request, host, job, Reply(True, body.model, body.include_usage), body.stream)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        body.check_supported()
+        tier = host.tier_for(body.model)
+        job = _job(body, tier, body.text(), chat=False, prompt_param="prompt")
+        return await _respond(request, host, job, Reply(False, body.model, body.include_usage), body.stream)
+
+    @app.get("/v1/outlier/stats")
+    async def stats() -> dict[str, Any]:
+        """Which tier is loaded, and the last completed request's result with its engine statistics."""
+        tier = host.loaded_tier
+        return {"object": "outlier.stats", "loaded_tier": tier,
+                "loaded_model": MODEL_PREFIX + tier if tier else None, "last_request": host.last_stats}
+
+    return app
+
+
+def _job(body: ChatCompletionRequest | CompletionRequest, tier: str, prompt: Prompt, *, chat: bool,
+         prompt_param: str) -> GenerationJob:
+    options = {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "stop": body.stops()}
+    return GenerationJob(tier, prompt, chat, prompt_param, body.token_budget(), options,
+                         asyncio.get_running_loop())
+
+
+def serve(config: ServerConfig) -> None:
+    """Check the configuration, then serve until interrupted."""
+    import uvicorn
+
+    from .plugin_manager import get_registry
+    from .tiers import resolve_tier
+
+    check_bind(config.host, config.api_key)
+    for tier in {*config.tier_overrides, *([config.preload] if config.preload else [])}:
+        resolve_tier(tier, get_registry(), config.load_overrides(tier))  # fail now, not on first request
+    log.info("serving on http://%s:%d/v1 (API key %s)", config.host, config.port,
+             "required" if config.api_key else "not required")
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")

@@ -1,0 +1,260 @@
+"""``fanout``: split each read batch into chunks and read them with a pool of threads.
+
+One expert is one long read from a pack (or nine short ones from the shards). A single
+``preadv`` at a time leaves a modern SSD mostly idle: its bandwidth comes from many
+requests in flight. So every request of a batch is cut into ``chunk_bytes`` pieces and
+``workers`` threads (the caller among them) take pieces from a shared counter and read them
+straight into the caller's buffers (``os.preadv`` releases the GIL; no extra copy).
+
+A piece whose file offset, length and buffer address are all 4096-aligned (every pack read:
+the pack and the store's buffers are aligned for this) is read through a second descriptor
+opened with ``O_DIRECT``, which skips the page cache's copy and its memory. A filesystem
+that refuses ``O_DIRECT`` (tmpfs, some network filesystems) makes the file fall back to
+buffered reads; ``stats`` counts the bytes read each way.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+import numpy as np
+
+from outlier_runtime.errors import ExpertReadError, ManifestError
+from outlier_runtime.protocols import ReadRequest
+
+#: O_DIRECT needs offsets, lengths and buffer addresses aligned to the logical block size;
+#: 4096 covers every common disk and filesystem.
+DIRECT_ALIGNMENT = 4096
+#: Chosen from measurements (docs/performance.md, the raw-disk sweep of `outlier bench`):
+#: 512 KiB-1 MiB pieces reach the disk's cold bandwidth; 16 KiB pieces (Flash-MoE's fork)
+#: cost a Python-level step and a syscall per 16 KiB and read 4-5x slower here.
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+DEFAULT_WORKERS = 8
+
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+class _Piece:
+    """One chunk of one request: ``view`` is filled from ``offset`` of ``path``."""
+
+    __slots__ = ("path", "offset", "view", "direct")
+
+    def __init__(self, path: str, offset: int, view: memoryview, direct: bool):
+        self.path = path
+        self.offset = offset
+        self.view = view
+        self.direct = direct
+
+
+def _address(view: memoryview) -> int:
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data if len(view) else 0
+
+
+class FanoutReader:
+    """Parallel chunked reads into caller buffers; O_DIRECT where everything is aligned.
+
+    Options (``[paging] reader_options``): ``workers`` (threads reading at once, the
+    caller included), ``chunk_bytes`` (piece size, a multiple of 4096), ``direct``
+    (use O_DIRECT for aligned requests; ``false`` reads everything through the page cache).
+    """
+
+    def __init__(self, workers: int = DEFAULT_WORKERS, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 direct: bool = True) -> None:
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ManifestError(f"reader_options.workers = {workers!r}: expected an integer >= 1 (e.g. 8)")
+        if (not isinstance(chunk_bytes, int) or isinstance(chunk_bytes, bool) or chunk_bytes <= 0
+                or chunk_bytes % DIRECT_ALIGNMENT):
+            raise ManifestError(
+                f"reader_options.chunk_bytes = {chunk_bytes!r}: expected a positive multiple of "
+                f"{DIRECT_ALIGNMENT} (e.g. {DEFAULT_CHUNK_BYTES})"
+            )
+        if not isinstance(direct, bool):
+            raise ManifestError(f"reader_options.direct = {direct!r}: expected true or false")
+        self.workers = workers
+        self.chunk_bytes = chunk_bytes
+        self.direct = direct and bool(_O_DIRECT)
+        self._lock = threading.Lock()
+        self._fds: dict[tuple[str, bool], int] = {}
+        self._refused: set[str] = set()  # files whose filesystem refused O_DIRECT
+        self._pool: ThreadPoolExecutor | None = None
+        self._direct_bytes = 0
+        self._buffered_bytes = 0
+        self._reads = 0
+        self._pieces = 0
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Which I/O mode was used, and how many bytes each way (shown as the engine's reader_io)."""
+        with self._lock:
+            direct, buffered = self._direct_bytes, self._buffered_bytes
+            if direct and buffered:
+                mode = "mixed"
+            elif direct:
+                mode = "direct"
+            else:
+                mode = "buffered"
+            return {
+                "reader": "fanout",
+                "io_mode": mode,
+                "workers": self.workers,
+                "chunk_bytes": self.chunk_bytes,
+                "direct_enabled": self.direct,
+                "direct_bytes": direct,
+                "buffered_bytes": buffered,
+                "reads": self._reads,
+                "pieces": self._pieces,
+                "direct_refused": sorted(self._refused),
+            }
+
+    # ------------------------------------------------------------------ files
+
+    def _fd(self, path: str, direct: bool) -> int | None:
+        """The descriptor for ``path``; for ``direct``, None when the filesystem refuses O_DIRECT."""
+        key = (path, direct)
+        fd = self._fds.get(key)
+        if fd is not None:
+            return fd
+        with self._lock:
+            if key in self._fds:
+                return self._fds[key]
+            if direct and path in self._refused:
+                return None
+            try:
+                fd = os.open(path, os.O_RDONLY | (_O_DIRECT if direct else 0))
+            except OSError as exc:
+                if direct and exc.errno == errno.EINVAL:
+                    self._refused.add(path)
+                    return None
+                raise ExpertReadError(f"{path}: cannot open: {exc.strerror or exc}", path) from exc
+            self._fds[key] = fd
+            return fd
+
+    def _refuse_direct(self, path: str) -> None:
+        with self._lock:
+            self._refused.add(path)
+
+    # ------------------------------------------------------------------ reading
+
+    def _plan(self, requests: Sequence[ReadRequest]) -> list[_Piece]:
+        pieces = []
+        step = self.chunk_bytes
+        for request in requests:
+            length = request.length
+            if len(request.out) < length:
+                raise ExpertReadError(
+                    f"{request.path}: read of {length} bytes at offset {request.offset} into a "
+                    f"{len(request.out)}-byte buffer", request.path
+                )
+            out = request.out[:length]
+            direct = (
+                self.direct
+                and request.path not in self._refused
+                and request.offset % DIRECT_ALIGNMENT == 0
+                and length % DIRECT_ALIGNMENT == 0
+                and _address(out) % DIRECT_ALIGNMENT == 0
+            )
+            for start in range(0, length, step):
+                pieces.append(_Piece(request.path, request.offset + start, out[start:start + step], direct))
+        return pieces
+
+    def _read_piece(self, piece: _Piece) -> tuple[int, int]:
+        """Fill one piece; returns (bytes read with O_DIRECT, bytes read buffered)."""
+        view, path, offset = piece.view, piece.path, piece.offset
+        total = len(view)
+        done = 0
+        if piece.direct:
+            fd = self._fd(path, True)
+            while fd is not None and done < total:
+                try:
+                    n = os.preadv(fd, [view[done:]], offset + done)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise self._failed(path, offset, total, exc) from exc
+                    self._refuse_direct(path)  # the filesystem opened it but will not do the read
+                    break
+                if n == 0:
+                    raise self._ends_early(path, offset + total)
+                done += n
+                if n % DIRECT_ALIGNMENT:
+                    break  # the rest is no longer aligned: finish it buffered
+        direct_bytes = done
+        if done < total:
+            fd = self._fd(path, False)
+            assert fd is not None
+            while done < total:
+                try:
+                    n = os.preadv(fd, [view[done:]], offset + done)
+                except OSError as exc:
+                    raise self._failed(path, offset, total, exc) from exc
+                if n == 0:
+                    raise self._ends_early(path, offset + total)
+                done += n
+        return direct_bytes, total - direct_bytes
+
+    @staticmethod
+    def _failed(path: str, offset: int, total: int, exc: OSError) -> ExpertReadError:
+        return ExpertReadError(f"{path}: read of {total} bytes at offset {offset} failed: {exc.strerror or exc}", path)
+
+    @staticmethod
+    def _ends_early(path: str, end: int) -> ExpertReadError:
+        return ExpertReadError(f"{path}: file ends before byte {end} (truncated shard or pack? "
+                               f"re-download the shard, or rebuild the pack with `outlier pack`)", path)
+
+    def _drain(self, pieces: list[_Piece], counter: "itertools.count[int]",
+               failures: list[BaseException]) -> tuple[int, int]:
+        """Take pieces off the shared counter until none are left (or another worker failed)."""
+        direct = buffered = 0
+        count = len(pieces)
+        while not failures:
+            i = next(counter)  # atomic under the GIL: each piece is taken exactly once
+            if i >= count:
+                break
+            try:
+                d, b = self._read_piece(pieces[i])
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                failures.append(exc)
+                break
+            direct += d
+            buffered += b
+        return direct, buffered
+
+    def read(self, requests: Sequence[ReadRequest]) -> None:
+        """Fill every request's buffer, in parallel; raises ExpertReadError naming the file."""
+        pieces = self._plan(requests)
+        if not pieces:
+            return
+        counter = itertools.count()
+        failures: list[BaseException] = []
+        helpers = min(self.workers, len(pieces)) - 1
+        futures = []
+        if helpers > 0:
+            if self._pool is None:
+                with self._lock:
+                    if self._pool is None:
+                        self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="outlier-fanout")
+            futures = [self._pool.submit(self._drain, pieces, counter, failures) for _ in range(helpers)]
+        results = [self._drain(pieces, counter, failures)]
+        # Wait for every helper even after a failure: none may write into the buffers later.
+        results += [future.result() for future in futures]
+        with self._lock:
+            self._reads += 1
+            self._pieces += len(pieces)
+            self._direct_bytes += sum(d for d, _ in results)
+            self._buffered_bytes += sum(b for _, b in results)
+        if failures:
+            raise failures[0]
+
+    def close(self) -> None:
+        """Stop the worker threads and close every descriptor."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+            fds, self._fds = list(self._fds.values()), {}
+        if pool is not None:
+            pool.shutdown(wait=True)
+        for fd in fds:
+            os.close(fd)

@@ -1,0 +1,147 @@
+"""The ``outlier`` command line, driven as a user would through click's test runner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import outlier_runtime
+from outlier_runtime.cli import main
+from outlier_runtime.plugin_manager import get_registry
+from outlier_runtime.tiers import resolve_tier
+
+TIERS = {"nano", "lite", "quick", "compact", "code", "vision", "plus"}
+
+
+def outlier(*args: str):
+    """Run ``outlier ARGS``; the result has .exit_code, .stdout and .stderr."""
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_tiers_json_lists_the_seven_tiers():
+    result = outlier("tiers", "--json")
+    assert result.exit_code == 0
+    rows = json.loads(result.stdout)
+    assert {row["name"] for row in rows} == TIERS
+    core = next(row for row in rows if row["name"] == "compact")
+    assert core["display_name"] == "Core" and isinstance(core["runnable"], bool)
+
+
+def test_tiers_prints_one_line_per_tier():
+    result = outlier("tiers")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert len(lines) == 7
+    assert any(line.startswith("plus") and "Plus" in line and "runnable:" in line for line in lines)
+
+
+def test_info_json_shows_the_merged_manifest_and_its_files():
+    result = outlier("info", "plus", "--json")
+    assert result.exit_code == 0
+    info = json.loads(result.stdout)
+    assert info["manifest"]["paging"]["k_override"] == 20
+    assert info["manifest"]["model"]["repo"] == "mlx-community/Qwen3.5-397B-A17B-4bit"
+    assert info["files"][0].endswith("plus.toml")
+    assert isinstance(info["runnable"], bool) and "GB" in info["reason"]
+
+
+def test_info_shows_a_user_override_and_where_it_came_from(isolated_home):
+    (isolated_home / "tiers").mkdir(parents=True)
+    (isolated_home / "tiers" / "plus.toml").write_text("[paging]\ncache_gb = 2\n")
+    result = outlier("info", "plus")
+    assert result.exit_code == 0
+    assert "cache_gb = 2.0" in result.stdout
+    assert str(isolated_home / "tiers" / "plus.toml") in result.stdout
+
+
+def test_plugins_json_lists_the_builtins_and_their_distribution():
+    result = outlier("plugins", "--json")
+    assert result.exit_code == 0
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows["paged_moe"]["distribution"] == "outlier-runtime"
+    assert rows["paged_moe"]["provides"] == {"loader": ["paged_moe"]}
+    assert "lfu" in rows["cache_lfu"]["provides"]["cache_policy"]
+
+
+def test_schema_prints_the_manifest_json_schema():
+    result = outlier("schema")
+    assert result.exit_code == 0
+    schema = json.loads(result.stdout)
+    assert {"tier", "model", "loader", "generation", "paging"} <= set(schema["properties"])
+    assert "PagingSection" in schema["$defs"]
+    assert "cache_gb" in schema["$defs"]["PagingSection"]["properties"]
+
+
+def test_new_tier_writes_a_user_manifest_that_validates_and_is_listed(isolated_home):
+    result = outlier("new-tier", "mine", "--from", "plus")
+    assert result.exit_code == 0
+    path = isolated_home / "tiers" / "mine.toml"
+    assert f"wrote {path}" in result.stdout
+    assert path.is_file()
+
+    manifest = resolve_tier("mine", get_registry())
+    assert manifest.tier.display_name == "Mine"
+    assert manifest.paging.k_override == 20
+    listed = {row["name"]: row for row in json.loads(outlier("tiers", "--json").stdout)}
+    assert listed["mine"]["error"] is None and listed["mine"]["files"] == [str(path)]
+
+    again = outlier("new-tier", "mine", "--from", "plus")
+    assert again.exit_code == 2
+    assert "already exists" in again.stderr
+
+
+def test_run_streams_text_and_reports_tok_s(tiny):
+    result = outlier("run", "nano", "def f(", "--model", str(tiny("llama")), "--force",
+                     "--max-tokens", "5", "--raw", "--temp", "0")
+    assert result.exit_code == 0, result.output
+    with outlier_runtime.load("nano", model=str(tiny("llama")), force=True) as runtime:
+        expected = runtime.generate("def f(", max_tokens=5, temperature=0.0, chat=False).text
+    assert result.stdout == f"def f({expected}\n"
+    assert "-- 5 tokens," in result.stderr and "tok/s" in result.stderr
+
+
+@pytest.fixture
+def moe(tiny):
+    return str(tiny("qwen3_moe"))
+
+
+def test_run_plus_with_stats_prints_paging_lines(moe):
+    result = outlier("run", "plus", "def f(", "--model", moe, "--k-override", "2", "--cache-gb", "1",
+                     "--force", "--max-tokens", "4", "--raw", "--temp", "0", "--stats")
+    assert result.exit_code == 0, result.output
+    assert "-- paging: 2 slots/layer x 2 layers, reader pread, policy lru" in result.stderr
+    assert "-- lookups" in result.stderr and "hit rate" in result.stderr
+    assert result.stderr.count("   layer ") == 2
+
+
+def test_run_json_prints_one_parsable_result_with_engine_stats(moe):
+    result = outlier("run", "plus", "def f(", "--model", moe, "--k-override", "1", "--cache-gb", "0",
+                     "--cache-policy", "lfu", "--force", "--max-tokens", "4", "--raw", "--temp", "0", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["tier"] == "plus"
+    assert len(data["tokens"]) == data["generation_tokens"] == 4
+    total = data["engine"]["total"]
+    assert total["lookups"] == total["slot_hits"] + total["ram_hits"] + total["misses"] > 0
+    assert data["engine"]["config"]["cache_policy"] == "lfu"
+    assert data["engine"]["config"]["slots_per_layer"] == 1
+
+
+def test_an_unknown_tier_exits_2_with_one_line_of_error():
+    result = outlier("run", "gigantic", "hello")
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: No tier named 'gigantic'.") and "nano" in lines[0]
+
+
+def test_a_tier_too_big_without_force_exits_2_and_suggests_force(monkeypatch, tiny):
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("outlier_runtime.tiers"), "total_ram_gb", lambda: 2.0)
+    result = outlier("run", "nano", "hi", "--model", str(tiny("llama")))
+    assert result.exit_code == 2
+    assert "--force" in result.stderr and len(result.stderr.splitlines()) == 1

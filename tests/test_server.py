@@ -1,0 +1,224 @@
+"""`outlier serve`: the OpenAI-compatible API, driven by the official openai client and raw HTTP.
+
+One real server (a subprocess running `outlier serve`) serves tiny models under tier names:
+nano is a tiny dense llama with a 128-token context window, plus a tiny qwen3 MoE paged with
+2 slots per layer and no RAM cache.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from click.testing import CliRunner
+
+from outlier_runtime import cli
+
+API_KEY = "test-key"
+CONTEXT_WINDOW = 128
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny, tmp_path_factory) -> str:
+    home = tmp_path_factory.mktemp("serve-home")
+    port = _free_port()
+    command = [
+        sys.executable, "-m", "outlier_runtime.cli", "serve", "--port", str(port), "--api-key", API_KEY,
+        "--force", "--tier-override", f"nano={tiny('llama')}",
+        "--tier-override", f"nano.context_window={CONTEXT_WINDOW}",
+        "--tier-override", f"plus={tiny('qwen3_moe')}", "--k-override", "2", "--cache-gb", "0",
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("OUTLIER_API_KEY", "OUTLIER_TIERS_PATH")}
+    env.update(OUTLIER_HOME=str(home), HF_HUB_OFFLINE="1")
+    log_path = home / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        _wait_until_ready(process, base_url, log_path)
+        yield base_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _wait_until_ready(process: subprocess.Popen, base_url: str, log_path: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"outlier serve exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{base_url}/models", headers=_auth(), timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"outlier serve did not answer within 60 s:\n{log_path.read_text()}")
+
+
+def _auth(key: str = API_KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server, api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def _stats(server: str) -> dict:
+    return httpx.get(f"{server}/outlier/stats", headers=_auth(), timeout=10).json()
+
+
+MESSAGES = [{"role": "system", "content": "Answer in Python."}, {"role": "user", "content": "Say hi."}]
+
+
+def test_models_lists_each_tier_as_outlier_tier(client):
+    ids = [model.id for model in client.models.list()]
+    assert {"outlier-nano", "outlier-plus"} <= set(ids)
+    assert all(model_id.startswith("outlier-") for model_id in ids)
+
+
+def test_chat_completion(client):
+    reply = client.chat.completions.create(model="outlier-nano", messages=MESSAGES, max_tokens=6, temperature=0)
+    choice = reply.choices[0]
+    assert reply.object == "chat.completion" and reply.model == "outlier-nano"
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("length", "stop")
+    assert 0 < reply.usage.completion_tokens <= 6 and reply.usage.prompt_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_chat_streaming_matches_non_streaming_and_ends_with_usage(client):
+    options = dict(model="outlier-nano", messages=MESSAGES, max_tokens=8, temperature=0)
+    whole = client.chat.completions.create(**options)
+    chunks = list(client.chat.completions.create(**options, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [whole.choices[0].finish_reason]
+    *body, last = chunks
+    assert last.choices == [] and last.usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.usage is None for c in body)
+
+
+def test_completions_on_the_paged_moe_tier_and_switching_back(client, server):
+    reply = client.completions.create(model="outlier-plus", prompt="def f(", max_tokens=5, temperature=0)
+    assert reply.object == "text_completion" and isinstance(reply.choices[0].text, str)
+    assert reply.usage.completion_tokens <= 5
+    stats = _stats(server)
+    assert stats["loaded_tier"] == "plus"
+    engine = stats["last_request"]["result"]["engine"]
+    assert engine["config"]["k_override"] == 2 and engine["config"]["cache_gb"] == 0  # the paging knobs
+    assert engine["total"]["misses"] > 0
+
+    streamed = client.completions.create(model="outlier-nano", prompt="def f(", max_tokens=5, temperature=0,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed)
+    assert _stats(server)["loaded_tier"] == "nano"
+
+
+def test_stop_sequence_ends_the_text_before_it(client):
+    options = dict(model="outlier-nano", prompt="import os\n\ndef ", max_tokens=12, temperature=0)
+    pieces = [c.choices[0].text for c in client.completions.create(**options, stream=True)]
+    full = "".join(pieces)
+    # A stop string that first appears exactly where its streamed piece starts.
+    offsets = [len("".join(pieces[:i])) for i in range(len(pieces))]
+    index = next(i for i in range(1, len(pieces))
+                 if pieces[i].strip() and "\ufffd" not in pieces[i] and full.find(pieces[i]) == offsets[i])
+    for stop in (pieces[index], [pieces[index], "never-generated"]):
+        reply = client.completions.create(**options, stop=stop)
+        assert reply.choices[0].text == full[:offsets[index]]
+        assert reply.choices[0].finish_reason == "stop"
+
+
+def test_seed_makes_sampling_reproducible(client):
+    def sample(seed: int) -> str:
+        reply = client.chat.completions.create(model="outlier-nano", messages=MESSAGES, max_tokens=10,
+                                               temperature=1.0, seed=seed)
+        return reply.choices[0].message.content
+
+    assert sample(7) == sample(7)
+    assert len({sample(seed) for seed in (1, 2, 3)}) > 1
+
+
+def _post(server: str, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(f"{server}{path}", json=body, headers=_auth() if headers is None else headers, timeout=30)
+
+
+def _error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def test_unsupported_options_are_refused_with_an_openai_error(server):
+    chat = {"model": "outlier-nano", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert _error(_post(server, "/chat/completions", {**chat, "n": 2}), 400)["param"] == "n"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    assert _error(_post(server, "/chat/completions", {**chat, "tools": tools}), 400)["param"] == "tools"
+    assert _error(_post(server, "/chat/completions", {**chat, "logprobs": True}), 400)["param"] == "logprobs"
+    assert _error(_post(server, "/chat/completions", {**chat, "frobnicate": 1}), 400)["param"] == "frobnicate"
+    assert _error(_post(server, "/completions", {"model": "outlier-nano", "prompt": ["a", "b"]}), 400)
+    # Harmless extras that clients send are accepted.
+    assert _post(server, "/chat/completions", {**chat, "user": "u1", "metadata": {"k": "v"}}).status_code == 200
+
+
+def test_unknown_model_is_not_found(server):
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    assert _error(_post(server, "/chat/completions", body), 404)["code"] == "model_not_found"
+
+
+def test_api_key_is_required(server):
+    assert _error(httpx.get(f"{server}/models", timeout=10), 401)["code"] == "invalid_api_key"
+    assert _error(httpx.get(f"{server}/models", headers=_auth("wrong"), timeout=10), 401)
+    assert _error(_post(server, "/completions", {"model": "outlier-nano", "prompt": "x"}, headers={}), 401)
+
+
+def test_prompt_and_max_tokens_must_fit_the_context_window(server):
+    too_long = {"model": "outlier-nano", "prompt": "x = 1\n" * CONTEXT_WINDOW, "max_tokens": 1}
+    error = _error(_post(server, "/completions", too_long), 400)
+    assert error["code"] == "context_length_exceeded" and error["param"] == "prompt"
+    streamed = _post(server, "/completions", {**too_long, "stream": True})
+    assert _error(streamed, 400)["code"] == "context_length_exceeded"
+    too_many = {"model": "outlier-nano", "prompt": "x", "max_tokens": CONTEXT_WINDOW}
+    assert _error(_post(server, "/completions", too_many), 400)["param"] == "max_tokens"
+
+
+def test_client_disconnect_stops_generation(server, client):
+    # Far more tokens than the tiny model makes in the time this test allows.
+    body = {"model": "outlier-plus", "prompt": "def f(", "max_tokens": 20000, "stream": True}
+    with httpx.stream("POST", f"{server}/completions", json=body, headers=_auth(), timeout=30) as response:
+        assert response.status_code == 200
+        for number, _ in enumerate(response.iter_lines()):
+            if number >= 4:
+                break
+    started = time.monotonic()
+    # Requests are queued behind the abandoned one: this returns only once it has stopped.
+    client.completions.create(model="outlier-plus", prompt="x", max_tokens=2)
+    assert time.monotonic() - started < 20
+    assert _stats(server)["last_request"]["result"]["generation_tokens"] <= 2
+
+
+def test_non_loopback_bind_without_a_key_is_refused(monkeypatch):
+    monkeypatch.delenv("OUTLIER_API_KEY", raising=False)
+    result = CliRunner().invoke(cli.main, ["serve", "--host", "0.0.0.0", "--port", "1"])
+    assert result.exit_code == 2
+    assert "without an API key" in result.output
