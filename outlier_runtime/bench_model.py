@@ -197,6 +197,11 @@ def _wide_expert(base: np.ndarray, expert: int, groups: int) -> np.ndarray:
     return np.roll(rotated, shift * group_bytes, axis=-1)
 
 
+def _wide_tensor(base: np.ndarray, num_experts: int, groups: int) -> Iterator[np.ndarray]:
+    for expert in range(num_experts):
+        yield _wide_expert(base, expert, groups)
+
+
 def _router(entries: dict[str, TensorEntry], stem: str, num_experts: int, seed: int) -> dict[str, np.ndarray]:
     """Fresh router rows for ``num_experts``, quantized with the base router's bits and group size."""
     import mlx.core as mx
@@ -267,9 +272,7 @@ def widen_experts(base_dir: Path, out_dir: Path, num_experts: int, *, seed: int 
                 data = routers[entry.name]
                 tensors.append((entry.name, entry.dtype, [num_experts, *entry.shape[1:]], [data]))
             elif widened(entry):
-                base = _load(entry)
-                groups = _groups(entries, entry.name)
-                pieces = (_wide_expert(base, e, groups) for e in range(num_experts))
+                pieces = _wide_tensor(_load(entry), num_experts, _groups(entries, entry.name))
                 tensors.append((entry.name, entry.dtype, [num_experts, *entry.shape[1:]], pieces))
             else:
                 tensors.append((entry.name, entry.dtype, list(entry.shape), [_load(entry)]))

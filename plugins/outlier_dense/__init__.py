@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from outlier_runtime import hookimpl
+from outlier_runtime.checkpoint import read_checkpoint
 from outlier_runtime.protocols import LoadedModel, LoadRequest
 
 
@@ -12,6 +13,8 @@ class DenseLoader:
     def load(self, request: LoadRequest) -> LoadedModel:
         import mlx_lm
 
+        # A missing or truncated shard is named here, not deep inside mlx.
+        read_checkpoint(request.model_path)
         # Remote code is never enabled: a manifest cannot make us run a repo's Python.
         model, tokenizer = mlx_lm.load(str(request.model_path), lazy=False)
         return LoadedModel(model=model, tokenizer=tokenizer)

@@ -72,6 +72,8 @@ class PagedMoELoader:
 
         paging = request.manifest.paging or PagingSection()
         path = request.model_path
+        # Validate every shard first: a missing or truncated file is named here, not deep in mlx.
+        entries = read_checkpoint(path)
         # lazy=True: nothing is read until evaluated, so the stacked experts are never read whole.
         model, tokenizer = mlx_lm.load(str(path), lazy=True)
         sites = find_switch_modules(model)
@@ -79,7 +81,7 @@ class PagedMoELoader:
             raise CheckpointError(
                 f"{path}: model has no expert switch layers; use the 'dense' loader for it", str(path)
             )
-        index = build_expert_index(sites, read_checkpoint(path))
+        index = build_expert_index(sites, entries)
         pack = "not used"
         if paging.use_pack:
             try:

@@ -29,6 +29,9 @@ from outlier_runtime.protocols import CachePolicy, Reader, ReadRequest
 from .stats import LayerStats, snapshot
 
 EMPTY = -1
+#: A failed batch read is tried this many times in all before its error reaches the caller.
+READ_ATTEMPTS = 3
+RETRY_BACKOFF_SECONDS = 0.01
 
 
 def _footprint(record: np.ndarray) -> int:
@@ -158,6 +161,7 @@ class ExpertStore:
         self._inflight: dict[tuple[int, int], Future] = {}
         #: Prefetched records in the RAM cache that no step has used yet.
         self._prefetched: set[tuple[int, int]] = set()
+        self.read_retries = 0
 
     def ensure(self, layer_number: int, experts: np.ndarray) -> np.ndarray:
         """Make ``experts`` (distinct ids, at most the layer's slot count) resident; return their slots."""
@@ -227,6 +231,22 @@ class ExpertStore:
         return records
 
     def _read(self, layer: ExpertLayer, experts: list[int]) -> dict[int, np.ndarray]:
+        """Read whole expert records, retrying a failed batch a bounded number of times.
+
+        Disks and network filesystems fail transiently (EIO, short reads); a file that is
+        really gone or truncated fails every attempt and the last error is raised.
+        """
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                return self._read_once(layer, experts)
+            except ExpertReadError:
+                if attempt + 1 == READ_ATTEMPTS:
+                    raise
+                self.read_retries += 1
+                time.sleep(RETRY_BACKOFF_SECONDS * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _read_once(self, layer: ExpertLayer, experts: list[int]) -> dict[int, np.ndarray]:
         """Read whole expert records in one reader call (thread safe: touches no cache state)."""
         buffers = {expert: aligned_empty(layer.read_nbytes) for expert in experts}
         requests = []
@@ -281,6 +301,7 @@ class ExpertStore:
     def reset_stats(self) -> None:
         with self._lock:
             self.stats = [LayerStats() for _ in self.layers]
+            self.read_retries = 0
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -289,7 +310,8 @@ class ExpertStore:
                 [slots.resident for slots in self.layers],
                 [slots.layer.expert_nbytes for slots in self.layers],
                 self.ram.used,
-                {"config": {**self.info, "reader_io": getattr(self.reader, "stats", {})}},
+                {"config": {**self.info, "reader_io": getattr(self.reader, "stats", {})},
+                 "read_retries": self.read_retries},
             )
 
     def close(self) -> None:

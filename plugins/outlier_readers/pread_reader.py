@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from outlier_runtime.errors import ExpertReadError
 from outlier_runtime.protocols import ReadRequest
 
 from .files import FileTable, pread_into
@@ -18,7 +19,12 @@ class PreadReader:
 
     def read(self, requests: Sequence[ReadRequest]) -> None:
         for request in requests:
-            pread_into(self._files.fd(request.path), request.out, request.offset, request.path)
+            try:
+                pread_into(self._files.fd(request.path), request.out, request.offset, request.path)
+            except ExpertReadError:
+                # Reopen on the next attempt: the file may have been replaced, not just damaged.
+                self._files.forget(request.path)
+                raise
 
     def close(self) -> None:
         self._files.close()
