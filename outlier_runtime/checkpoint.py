@@ -64,9 +64,11 @@ def read_shard_header(path: str | os.PathLike[str]) -> dict[str, TensorEntry]:
     if len(raw) < header_len:
         raise CheckpointError(f"{path}: truncated header", path)
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: header is not valid UTF-8 JSON: {exc}", path) from None
+    except _DuplicateKey as exc:
+        raise CheckpointError(f"{path}: header lists {exc.args[0]!r} twice", path) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object", path)
     data_start = 8 + header_len
@@ -77,6 +79,20 @@ def read_shard_header(path: str | os.PathLike[str]) -> dict[str, TensorEntry]:
         entries[name] = _entry(path, name, info, data_start, size)
     _check_overlaps(path, entries)
     return entries
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Plain json.loads keeps the last of two equal keys; a tensor listed twice is corruption.
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
 
 
 def _entry(path: str, name: str, info: Any, data_start: int, size: int) -> TensorEntry:

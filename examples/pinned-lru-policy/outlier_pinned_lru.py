@@ -2,8 +2,8 @@
 
 Plain LRU throws out an expert that the router picks on almost every token as soon as a
 burst of rarely used ones passes through. This policy counts every use of every key and
-never offers the ``pinned`` most-used entries currently cached as victims, unless every
-candidate is pinned (the cache must still make room).
+does not evict the most-used cached entries (the top ``pinned``, at most half the cache)
+while another candidate can go; among the others it evicts the least recently used.
 """
 
 from __future__ import annotations
@@ -41,8 +41,13 @@ class PinnedLRUPolicy:
         self._recency.pop(key, None)
 
     def pinned_keys(self) -> set[Hashable]:
-        """The ``pinned`` most-used cached keys (on a tie, the more recently used)."""
-        return set(heapq.nlargest(self.pinned, reversed(self._recency), key=self.uses.__getitem__))
+        """The most-used cached keys (on a tie, the more recently used).
+
+        At most ``pinned`` of them, and never more than half of what is cached, so that a
+        small cache (a few compute slots) still turns over instead of freezing.
+        """
+        count = min(self.pinned, len(self._recency) // 2)
+        return set(heapq.nlargest(count, reversed(self._recency), key=self.uses.__getitem__))
 
     def choose_victim(self, candidates: Collection[Hashable]) -> Hashable:
         self._count("victims_chosen")
