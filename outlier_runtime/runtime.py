@@ -116,13 +116,16 @@ class Runtime:
             mx.reset_peak_memory()
             text, out_tokens, last = "", [], None
             finish: str | None = None
+            # Text that may be the start of a stop string is held back until the next piece
+            # decides it, so a stop string split across two tokens is never yielded in part.
+            held, hit = "", False
             for response in stream_generate(loaded.model, loaded.tokenizer, mx.array(tokens),
                                             max_tokens=budget, sampler=sampler):
                 last = response
                 piece = response.text
                 out_tokens.append(response.token)
                 if stop:
-                    piece, hit = _cut_at_stop(text, piece, stop)
+                    piece, held, hit = _split_at_stop(held + piece, stop)
                     text += piece
                     if piece:
                         yield Chunk(piece, response.token)
@@ -134,6 +137,9 @@ class Runtime:
                     if piece:
                         yield Chunk(piece, response.token)
                 finish = response.finish_reason
+            if held and not hit:
+                text += held
+                yield Chunk(held, last.token)
             if last is not None and finish == "stop" and last.finish_reason == "stop":
                 out_tokens = out_tokens[:-1]  # the end-of-sequence token is not part of the text
             self.last_result = GenerationResult(
@@ -179,11 +185,15 @@ class Runtime:
         self.close()
 
 
-def _cut_at_stop(before: str, piece: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """Trim ``piece`` at the first stop string that appears in ``before + piece``."""
-    combined = before + piece
-    positions = [combined.find(s, max(0, len(before) - len(s) + 1)) for s in stops if s]
-    positions = [p for p in positions if p >= 0]
-    if not positions:
-        return piece, False
-    return combined[len(before):min(positions)] if min(positions) >= len(before) else "", True
+def _split_at_stop(pending: str, stops: Sequence[str]) -> tuple[str, str, bool]:
+    """Split new text into (text to yield, text to hold back, whether a stop string was hit).
+
+    On a hit, the text before the first stop string is yielded. Otherwise the longest tail of
+    ``pending`` that begins some stop string is held back.
+    """
+    stops = [s for s in stops if s]
+    positions = [p for p in (pending.find(s) for s in stops) if p >= 0]
+    if positions:
+        return pending[:min(positions)], "", True
+    keep = max((n for s in stops for n in range(1, len(s)) if pending.endswith(s[:n])), default=0)
+    return pending[:len(pending) - keep], pending[len(pending) - keep:], False

@@ -1,12 +1,9 @@
 """``outlier serve``: an OpenAI-compatible HTTP API over the tiers (FastAPI + uvicorn).
 
-One model is resident at a time. Every model operation (loading, switching, generating)
-runs on a single worker thread, so requests queue in arrival order and never interleave
-inside a model; switching tiers closes the previous Runtime before loading the next.
-Streams hand chunks to the event loop through an asyncio queue; a client that goes away
-sets a flag the worker checks between chunks, and the worker stops generating.
-
-The wire format (request models, error bodies, replies) lives in :mod:`.openai_api`.
+The routes here parse requests and stream replies; :mod:`.model_host` keeps the one resident
+model and runs every generation on a single worker thread (queued, never interleaved);
+:mod:`.openai_api` holds the wire format (request models, error bodies, reply objects).
+A client that disconnects cancels its job, and the worker stops at the next chunk.
 """
 
 from __future__ import annotations
@@ -18,8 +15,6 @@ import ipaddress
 import json
 import logging
 import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
 
@@ -29,7 +24,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from .errors import AdmissionError, OutlierError, TierNotFoundError
+from .errors import OutlierError
+from .model_host import GenerationJob, ModelHost
 from .openai_api import (
     MODEL_PREFIX,
     ApiError,
@@ -39,7 +35,7 @@ from .openai_api import (
     validation_error,
 )
 from .results import GenerationResult
-from .runtime import Prompt, Runtime
+from .runtime import Prompt
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -122,134 +118,6 @@ def check_bind(host: str, api_key: str | None) -> None:
             f"Refusing to listen on {host!r} without an API key: anyone who can reach it could use "
             f"the model. Pass --api-key KEY (or set {API_KEY_ENV}), or bind to 127.0.0.1."
         )
-
-
-@dataclass
-class GenerationJob:
-    """One request's generation, run on the worker; events flow back to the event loop."""
-
-    tier: str
-    prompt: Prompt
-    chat: bool
-    prompt_param: str  # "messages" or "prompt": the field a too-long prompt is blamed on
-    max_tokens: int | None
-    options: dict[str, Any]
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def emit(self, kind: str, value: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
-        except RuntimeError:  # the event loop is gone: nobody is listening any more
-            self.cancelled.set()
-
-
-class ModelHost:
-    """Holds the one resident Runtime and runs all model work on a single worker thread."""
-
-    def __init__(self, config: ServerConfig):
-        self.config = config
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outlier-model")
-        self._runtime: Runtime | None = None
-        self.last_stats: dict[str, Any] | None = None
-
-    @property
-    def loaded_tier(self) -> str | None:
-        runtime = self._runtime
-        return runtime.name if runtime is not None else None
-
-    def served_tiers(self) -> list[dict[str, Any]]:
-        """Tiers with a valid manifest that this machine can run (every valid one with --force)."""
-        import outlier_runtime
-
-        return [row for row in outlier_runtime.tiers()
-                if row["error"] is None and (row["runnable"] or self.config.force)]
-
-    def tier_for(self, model: str) -> str:
-        names = [row["name"] for row in self.served_tiers()]
-        tier = model[len(MODEL_PREFIX):] if model.startswith(MODEL_PREFIX) else None
-        if tier not in names:
-            available = ", ".join(MODEL_PREFIX + name for name in names) or "none"
-            raise ApiError(404, f"The model {model!r} does not exist or cannot run on this machine. "
-                                f"Available: {available}.", param="model", code="model_not_found")
-        return tier
-
-    def submit(self, job: GenerationJob) -> None:
-        self._worker.submit(self._generate, job)
-
-    def preload(self, tier: str) -> None:
-        self._worker.submit(self._ensure, tier)
-
-    def close(self) -> None:
-        """Finish queued work, then free the resident model."""
-        self._worker.submit(self._unload)
-        self._worker.shutdown(wait=True)
-
-    # Everything below runs on the worker thread only.
-
-    def _unload(self) -> None:
-        if self._runtime is not None:
-            log.info("closing tier %s", self._runtime.name)
-            self._runtime.close()
-            self._runtime = None
-
-    def _ensure(self, tier: str) -> Runtime:
-        import outlier_runtime
-
-        if self._runtime is None or self._runtime.name != tier:
-            self._unload()
-            self._runtime = outlier_runtime.load(tier, force=self.config.force,
-                                                 **self.config.load_overrides(tier))
-        return self._runtime
-
-    def _generate(self, job: GenerationJob) -> None:
-        if job.cancelled.is_set():
-            return  # the client left while the request was queued
-        try:
-            runtime = self._ensure(job.tier)
-            prompt_tokens = len(runtime.encode(job.prompt, chat=job.chat))
-            budget = token_budget(runtime, prompt_tokens, job.max_tokens, job.prompt_param)
-            job.emit("started", prompt_tokens)
-            with contextlib.closing(runtime.stream(job.prompt, max_tokens=budget, chat=job.chat,
-                                                   **job.options)) as chunks:
-                for chunk in chunks:
-                    job.emit("chunk", chunk.text)
-                    if job.cancelled.is_set():
-                        log.info("client disconnected: stopped generating on tier %s", job.tier)
-                        return
-            result = runtime.last_result
-            self.last_stats = {"tier": runtime.name, "result": result.to_dict() if result else None}
-            job.emit("done", result)
-        except ApiError as exc:
-            job.emit("error", exc)
-        except (TierNotFoundError, AdmissionError) as exc:
-            job.emit("error", ApiError(400, str(exc), param="model"))
-        except OutlierError as exc:
-            log.error("tier %s failed: %s", job.tier, exc)
-            job.emit("error", ApiError(500, str(exc), type="server_error"))
-        except Exception:
-            log.exception("generation on tier %s failed", job.tier)
-            job.emit("error", ApiError(500, "The server failed while generating; see its log.",
-                                       type="server_error"))
-
-
-def token_budget(runtime: Runtime, prompt_tokens: int, requested: int | None, prompt_param: str) -> int:
-    """Tokens to generate: the request's (validated) or the tier's default, within the context window."""
-    generation = runtime.manifest.generation
-    window = generation.context_window
-    if prompt_tokens >= window:
-        raise ApiError(400, f"This model's maximum context length is {window} tokens, and the prompt has "
-                            f"{prompt_tokens}. Shorten the prompt.",
-                       param=prompt_param, code="context_length_exceeded")
-    if requested is None:
-        return min(generation.max_tokens, window - prompt_tokens)
-    if prompt_tokens + requested > window:
-        raise ApiError(400, f"This model's maximum context length is {window} tokens. However, you requested "
-                            f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} "
-                            f"for the completion). Lower max_tokens or shorten the prompt.",
-                       param="max_tokens", code="context_length_exceeded")
-    return requested
 
 
 class BearerAuth:
@@ -336,7 +204,7 @@ async def _respond(request: Request, host: ModelHost, job: GenerationJob, reply:
 
 def create_app(config: ServerConfig) -> FastAPI:
     """The FastAPI application serving ``config``'s tiers."""
-    host = ModelHost(config)
+    host = ModelHost(config.load_overrides, force=config.force)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -415,4 +283,6 @@ def serve(config: ServerConfig) -> None:
         resolve_tier(tier, get_registry(), config.load_overrides(tier))  # fail now, not on first request
     log.info("serving on http://%s:%d/v1 (API key %s)", config.host, config.port,
              "required" if config.api_key else "not required")
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
+    # On shutdown, streams still open after a few seconds are cancelled, which stops their generation.
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info",
+                timeout_graceful_shutdown=5)

@@ -6,7 +6,6 @@ import inspect
 import os
 import re
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest

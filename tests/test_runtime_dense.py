@@ -92,17 +92,45 @@ def test_the_code_tier_adds_its_system_prompt(tiny):
         assert code.generate(user, max_tokens=2).prompt_tokens == len(code.encode(with_system))
 
 
-def test_a_stop_string_cuts_the_text(dense):
+def stop_strings(pieces: list[str]) -> dict[str, str]:
+    """Two-character stop strings that first occur inside one chunk, and across two chunks."""
+    full, found, offset = "".join(pieces), {}, 0
+    for before, piece in zip(pieces, pieces[1:]):
+        offset += len(before)
+        if offset < 4 or not (before and piece):  # not at the very start: something is kept
+            continue
+        across = before[-1] + piece[0]
+        if "across" not in found and full.index(across) == offset - 1:
+            found["across"] = across
+        if "inside" not in found and len(piece) >= 3 and full.index(piece[1:3]) == offset + 1:
+            found["inside"] = piece[1:3]
+    return found
+
+
+@pytest.mark.parametrize("where", ["inside", "across"])
+def test_a_stop_string_cuts_the_text(dense, where):
     runtime, _, _ = dense
-    full = runtime.generate(PROMPT, max_tokens=40, temperature=0.0, chat=False).text
-    start = next(i for i in range(4, len(full) - 2) if full[i:i + 2].isalnum())  # a stop past the start
-    stop = full[start:start + 2]
-    cut = runtime.generate(PROMPT, max_tokens=40, temperature=0.0, chat=False, stop=["\x00never", stop])
+    options = dict(max_tokens=40, temperature=0.0, chat=False)
+    pieces = [chunk.text for chunk in runtime.stream(PROMPT, **options)]
+    full = "".join(pieces)
+    stop = stop_strings(pieces)[where]
+
+    cut = runtime.generate(PROMPT, stop=["never seen", stop], **options)
     assert cut.text == full[:full.index(stop)]
     assert cut.finish_reason == "stop"
-    streamed = "".join(c.text for c in runtime.stream(PROMPT, max_tokens=40, temperature=0.0, chat=False,
-                                                      stop=[stop]))
-    assert streamed == cut.text
+    # What was streamed is exactly the cut text: no part of the stop string slips out.
+    assert "".join(chunk.text for chunk in runtime.stream(PROMPT, stop=[stop], **options)) == cut.text
+
+
+def test_text_held_back_for_a_stop_string_that_never_comes_is_still_yielded(dense):
+    runtime, _, _ = dense
+    options = dict(max_tokens=20, temperature=0.0, chat=False)
+    full = runtime.generate(PROMPT, **options).text
+    # Every chunk ending in the stop string's first character is held back, then released.
+    stop = full[-1] + "\x00"
+    chunks = list(runtime.stream(PROMPT, stop=[stop], **options))
+    assert "".join(chunk.text for chunk in chunks) == runtime.last_result.text == full
+    assert runtime.last_result.finish_reason == "length"
 
 
 def test_a_closed_runtime_refuses_to_generate(tiny):

@@ -83,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--mlx-eval-tokens", type=int, default=16384,
                    help="validation tokens scored with the converted 4-bit MLX model")
+    p.add_argument("--val-windows", type=int, default=0,
+                   help="score only this many validation windows at the end (0: all; for smoke tests)")
     p.add_argument("--resume", action="store_true", help="continue from the work dir's checkpoint")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     return p.parse_args(argv)
@@ -289,9 +291,16 @@ def train(model, train_stream, val_stream, args, work_dir: Path) -> dict:
 
 def export_hf(model, tokenizer, args, hf_dir: Path) -> None:
     """A Hugging Face checkpoint whose config says qwen3_5_moe, the type mlx-lm routes to its loader."""
+    from safetensors.torch import save_file
+
     if hf_dir.exists():
         shutil.rmtree(hf_dir)
-    model.save_pretrained(hf_dir, safe_serialization=True)
+    hf_dir.mkdir(parents=True)
+    # Not save_pretrained: transformers 5 writes experts back out one tensor per expert, which
+    # mlx-lm's qwen3_5_moe sanitize does not read. The in-memory layout (experts.gate_up_proj
+    # [E, 2I, H], experts.down_proj [E, H, I]) is the Qwen3.5 checkpoint layout it expects.
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
     text_config = text_config_dict(args, tokenizer)
     text_config["model_type"] = "qwen3_5_moe_text"
     text_config.pop("output_router_logits")
@@ -414,9 +423,9 @@ def main(argv=None) -> int:
     result = train(model, train_stream, val_stream, args, work_dir)
 
     log("evaluating on the full validation split")
-    val_ce = evaluate(model, val_stream, args)
-    val_targets = np.concatenate([val_stream[s + 1:s + args.seq_len + 1]
-                                  for s in window_starts(len(val_stream), args.seq_len)])
+    val_starts = window_starts(len(val_stream), args.seq_len)[: args.val_windows or None]
+    val_ce = evaluate(model, val_stream, args, max_windows=len(val_starts))
+    val_targets = np.concatenate([val_stream[s + 1:s + args.seq_len + 1] for s in val_starts])
     unigram = unigram_cross_entropy(train_stream, val_targets, tokenizer.get_vocab_size())
     log(f"validation CE {val_ce:.4f} nats/token; unigram baseline {unigram:.4f}")
 
