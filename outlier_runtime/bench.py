@@ -195,22 +195,44 @@ def _prefetcher_available() -> bool:
     return PREFETCHER in get_registry().names("prefetcher")
 
 
+#: Imported once by the fork server, so that each configuration's fresh process starts in
+#: well under a second instead of importing mlx-lm (and transformers) again.
+PRELOAD = ["mlx.core", "mlx_lm", "mlx_lm.generate", "outlier_runtime", "outlier_runtime.bench"]
+_context: Any = None
+
+
+def _fork_context() -> Any:
+    global _context
+    if _context is None:
+        import multiprocessing
+
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            _context = multiprocessing.get_context("forkserver")
+            _context.set_forkserver_preload(PRELOAD)
+        else:  # Windows has no fork server; a spawned process imports everything itself
+            _context = multiprocessing.get_context("spawn")
+    return _context
+
+
 def _run_worker(spec: dict[str, Any], timeout: float, scratch: Path) -> dict[str, Any]:
-    """Run one configuration in a fresh interpreter; returns its result, or an error record."""
+    """Run one configuration in a fresh process; returns its result, or an error record."""
     spec_path = scratch / f"{spec['name']}.spec.json"
     out_path = scratch / f"{spec['name']}.result.json"
-    spec_path.write_text(json.dumps({**spec, "out": str(out_path)}))
+    # The fork server outlives environment changes of this process: send the environment along.
+    spec_path.write_text(json.dumps({**spec, "out": str(out_path), "env": dict(os.environ)}))
     started = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, "-m", "outlier_runtime.bench", "worker", str(spec_path)],
-                              capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
+    process = _fork_context().Process(target=_worker_entry, args=(str(spec_path),), name=f"bench-{spec['name']}")
+    process.start()
+    process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        process.join()
         return {"error": f"timed out after {timeout:.0f} s"}
-    if proc.returncode != 0 or not out_path.exists():
-        tail = (proc.stderr or proc.stdout)[-2000:]
-        return {"error": f"exit status {proc.returncode}", "stderr_tail": tail}
+    if not out_path.exists():
+        return {"error": f"exit status {process.exitcode} (killed for memory?)"}
     result = json.loads(out_path.read_text())
-    result["wall_seconds"] = time.perf_counter() - started
+    if "error" not in result:
+        result["wall_seconds"] = time.perf_counter() - started
     return result
 
 
@@ -583,14 +605,15 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _worker_main(argv: Sequence[str]) -> int:
-    spec = json.loads(Path(argv[0]).read_text())
-    result = _worker(spec)
+def _worker_entry(spec_path: str) -> None:
+    """A configuration's process: run it and write its result (or its error) as JSON."""
+    import traceback
+
+    spec = json.loads(Path(spec_path).read_text())
+    os.environ.clear()
+    os.environ.update(spec["env"])
+    try:
+        result = _worker(spec)
+    except BaseException as exc:  # noqa: BLE001 - reported in the results, the bench goes on
+        result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
     Path(spec["out"]).write_text(json.dumps(result, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) >= 3 and sys.argv[1] == "worker":
-        sys.exit(_worker_main(sys.argv[2:]))
-    sys.exit("usage: python -m outlier_runtime.bench worker SPEC.json (use `outlier bench` instead)")

@@ -96,6 +96,9 @@ def _paging_options(func: Any) -> Any:
         click.option("--cache-policy", help="Cache-policy plugin name (e.g. lru, lfu)."),
         click.option("--mmap/--no-mmap", "mmap_experts", default=None, help="Read experts through mmap."),
         click.option("--experts-per-token", type=int, help="Override the router's top-k (changes results)."),
+        click.option("--prefetcher", help="Prefetcher plugin name (e.g. next-layer-router)."),
+        click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+                     help="Any manifest key, dotted, value in TOML syntax (e.g. paging.lazy_load=false)."),
         click.option("--force", is_flag=True, help="Load even if the machine has too little RAM."),
     ]
     for option in reversed(options):
@@ -103,8 +106,24 @@ def _paging_options(func: Any) -> Any:
     return func
 
 
-def _overrides(**kwargs: Any) -> dict[str, Any]:
-    return {k: v for k, v in kwargs.items() if v is not None}
+def _overrides(settings: tuple[str, ...] = (), **kwargs: Any) -> dict[str, Any]:
+    overrides = {k: v for k, v in kwargs.items() if v is not None}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{setting!r} is not KEY=VALUE", param_hint="--set")
+        overrides[key.strip()] = _toml_value(value.strip())
+    return overrides
+
+
+def _toml_value(text: str) -> Any:
+    """Parse a value as TOML (numbers, booleans, arrays, inline tables); else keep the string."""
+    from .manifest import tomllib
+
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
 
 
 def _print_stats(result: Any) -> None:
@@ -176,12 +195,12 @@ def _run(tier: str, prompt: str, overrides: dict[str, Any], force: bool, max_tok
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON result instead of streaming.")
 def run(tier: str, prompt: str, model: str | None, k_override: int | None, cache_gb: float | None,
         reader: str | None, cache_policy: str | None, mmap_experts: bool | None,
-        experts_per_token: int | None, force: bool, max_tokens: int | None, temperature: float | None,
+        experts_per_token: int | None, prefetcher: str | None, settings: tuple[str, ...], force: bool, max_tokens: int | None, temperature: float | None,
         top_p: float | None, seed: int | None, chat: bool | None, stats: bool, as_json: bool) -> None:
     """Generate from TIER, streaming tokens and printing tok/s."""
-    overrides = _overrides(model=model, k_override=k_override, cache_gb=cache_gb, reader=reader,
+    overrides = _overrides(settings, model=model, k_override=k_override, cache_gb=cache_gb, reader=reader,
                            cache_policy=cache_policy, mmap_experts=mmap_experts,
-                           experts_per_token=experts_per_token)
+                           experts_per_token=experts_per_token, prefetcher=prefetcher)
     _run(tier, prompt, overrides, force, max_tokens, temperature, top_p, seed, chat, stats, as_json)
 
 

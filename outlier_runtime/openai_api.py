@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .results import GenerationResult
 
@@ -51,7 +51,8 @@ def validation_error(exc: ValidationError | Any) -> ApiError:
     if error.get("type") == "json_invalid":
         return ApiError(400, "The request body is not valid JSON.")
     where = f"`{param}`: " if param else ""
-    return ApiError(400, f"Invalid request: {where}{error.get('msg')}", param=param, code="invalid_value")
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    return ApiError(400, f"Invalid request: {where}{message}", param=param, code="invalid_value")
 
 
 def _unset(value: Any) -> bool:
@@ -66,27 +67,31 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class TextPart(_Strict):
-    """One part of a message's content; only text parts (no images, audio or files)."""
-
-    type: Literal["text"]
-    text: str
-
-
 class ChatMessage(_Strict):
     """A chat message for the tokenizer's chat template. Tool and function messages are not supported."""
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart], None] = None
+    #: A string, or a list of text parts (``{"type": "text", "text": ...}``), joined.
+    content: str = ""
     #: Harmless: chat templates have no place for a participant name.
     name: Optional[str] = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content: Any) -> Any:
+        if content is None:
+            return ""
+        if not isinstance(content, list):
+            return content
+        if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                   for part in content):
+            raise ValueError('only text content parts ({"type": "text", "text": "..."}) are supported; '
+                             "images, audio and files are not")
+        return "".join(part["text"] for part in content)
+
     def to_template(self) -> dict[str, str]:
-        content = self.content or ""
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
         # "developer" is OpenAI's newer name for the system message.
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
 
 
 class _GenerationRequest(_Strict):

@@ -211,6 +211,14 @@ def reset() -> None:
     with _lock:
         _pm = None
         _registry = None
+        _plugin_dists.clear()
+
+
+def clear_registered_plugins() -> None:
+    """Forget every plugin added with :func:`register_plugin` (tests use this between cases)."""
+    with _lock:
+        _extra_plugins.clear()
+        reset()
 
 
 def plugin_infos() -> list[PluginInfo]:

@@ -33,5 +33,11 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("OUTLIER_TIERS_PATH", raising=False)
     monkeypatch.delenv("OUTLIER_MMAP_EXPERTS", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads its settings at import time (during collection): patch them too,
+    # so no test can touch the network or the developer's Hugging Face cache.
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     yield home
-    plugin_manager.reset()
+    plugin_manager.clear_registered_plugins()

@@ -35,6 +35,9 @@ DIRECT_ALIGNMENT = 4096
 #: cost a Python-level step and a syscall per 16 KiB and read 4-5x slower here.
 DEFAULT_CHUNK_BYTES = 1024 * 1024
 DEFAULT_WORKERS = 8
+#: Below this many bytes per worker, handing pieces to threads costs more than it saves
+#: (a small model's whole batch is read in the calling thread).
+MIN_BYTES_PER_WORKER = 256 * 1024
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
@@ -230,7 +233,8 @@ class FanoutReader:
             return
         counter = itertools.count()
         failures: list[BaseException] = []
-        helpers = min(self.workers, len(pieces)) - 1
+        total = sum(len(piece.view) for piece in pieces)
+        helpers = min(self.workers, len(pieces), max(1, total // MIN_BYTES_PER_WORKER)) - 1
         futures = []
         if helpers > 0:
             if self._pool is None:
