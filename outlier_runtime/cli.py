@@ -236,7 +236,7 @@ def demo(prompt: str, max_tokens: int, k_override: int, cache_gb: float, reader:
 def serve(host: str, port: int, api_key: str | None, preload: str | None, tier_overrides: tuple[str, ...],
           model: str | None, k_override: int | None, cache_gb: float | None, reader: str | None,
           cache_policy: str | None, mmap_experts: bool | None, experts_per_token: int | None,
-          force: bool) -> None:
+          prefetcher: str | None, settings: tuple[str, ...], force: bool) -> None:
     """Serve the tiers over an OpenAI-compatible HTTP API (models `outlier-<tier>`)."""
     from .server import ServerConfig, parse_tier_overrides, serve as run_server
 
@@ -246,8 +246,9 @@ def serve(host: str, port: int, api_key: str | None, preload: str | None, tier_o
             raise click.UsageError("--model needs --tier: which tier should serve it?")
         overrides.setdefault(preload, {})["model"] = model
     # Paging knobs apply to every paged tier; per-tier overrides win over them.
-    paging = _overrides(k_override=k_override, cache_gb=cache_gb, reader=reader, cache_policy=cache_policy,
-                        mmap_experts=mmap_experts, experts_per_token=experts_per_token)
+    paging = _overrides(settings, k_override=k_override, cache_gb=cache_gb, reader=reader,
+                        cache_policy=cache_policy, mmap_experts=mmap_experts,
+                        experts_per_token=experts_per_token, prefetcher=prefetcher)
     run_server(ServerConfig(host=host, port=port, api_key=api_key or None, force=force,
                             tier_overrides=overrides, paging_overrides=paging, preload=preload))
 
