@@ -11,6 +11,7 @@ the machine they came from go to ``<out>/<timestamp>.json``; a markdown table go
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -19,9 +20,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .bench_model import FULL, GB, QUICK, BenchError, Geometry, benchmark_model, model_files
 from .system import current_rss_bytes, machine_info, peak_rss_bytes
@@ -58,6 +59,14 @@ class BenchOptions:
     @property
     def effective_cache_gb(self) -> float:
         return self.cache_gb if self.cache_gb is not None else self.slot_cache_gb(self.k_override)
+
+
+def choose_geometry(quick: bool = False, layers: int | None = None) -> Geometry:
+    """The Plus tier's expert geometry (or the --quick one), ``layers`` MoE layers deep."""
+    base = QUICK if quick else FULL
+    if layers is not None and layers < 1:
+        raise BenchError(f"--layers {layers}: need at least one MoE layer")
+    return replace(base, num_layers=layers) if layers else base
 
 
 def default_cache_dir() -> Path:
@@ -197,43 +206,103 @@ def _prefetcher_available() -> bool:
 
 #: Imported once by the fork server, so that each configuration's fresh process starts in
 #: well under a second instead of importing mlx-lm (and transformers) again.
-PRELOAD = ["mlx.core", "mlx_lm", "mlx_lm.generate", "outlier_runtime", "outlier_runtime.bench"]
-_context: Any = None
+PRELOAD = ("mlx.core", "mlx_lm", "mlx_lm.generate", "outlier_runtime", "outlier_runtime.plugin_manager")
 
 
-def _fork_context() -> Any:
-    global _context
-    if _context is None:
-        import multiprocessing
+class ForkServer:
+    """A helper process that imports mlx-lm once, then forks one fresh child per configuration.
 
-        if "forkserver" in multiprocessing.get_all_start_methods():
-            _context = multiprocessing.get_context("forkserver")
-            _context.set_forkserver_preload(PRELOAD)
-        else:  # Windows has no fork server; a spawned process imports everything itself
-            _context = multiprocessing.get_context("spawn")
-    return _context
+    (multiprocessing's forkserver re-imports the parent's ``__main__`` in each child, which
+    breaks under pytest and ``python -``; this one only runs :func:`_worker_entry`.)
+    """
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[str] | None = None
+
+    def _start(self) -> subprocess.Popen[str]:
+        if self._proc is None or self._proc.poll() is not None:
+            self._proc = subprocess.Popen([sys.executable, "-m", "outlier_runtime.bench", "serve"],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        return self._proc
+
+    def run(self, spec_path: Path, timeout: float) -> int | None:
+        """Run one configuration; its exit status, or None if it was killed for running too long."""
+        import select
+
+        proc = self._start()
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(f"{spec_path}\n")
+        proc.stdin.flush()
+        pid = int(proc.stdout.readline().split()[1])  # "pid N"
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        if not ready:
+            os.kill(pid, 9)
+            proc.stdout.readline()
+            return None
+        line = proc.stdout.readline().split()  # "exit N"
+        return int(line[1]) if len(line) == 2 else -1
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()
+            self._proc.wait(timeout=30)
+        self._proc = None
 
 
-def _run_worker(spec: dict[str, Any], timeout: float, scratch: Path) -> dict[str, Any]:
+def _serve() -> int:
+    """The fork server's loop: a spec path per line in, "pid N" and "exit N" lines out."""
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    out = sys.stdout
+    for line in sys.stdin:
+        spec_path = line.strip()
+        pid = os.fork()
+        if pid == 0:  # the child: one configuration, then leave without running atexit handlers
+            os.dup2(2, 1)
+            code = 1
+            try:
+                _worker_entry(spec_path)
+                code = 0
+            finally:
+                os._exit(code)
+        out.write(f"pid {pid}\n")
+        out.flush()
+        _, status = os.waitpid(pid, 0)
+        out.write(f"exit {os.waitstatus_to_exitcode(status)}\n")
+        out.flush()
+    return 0
+
+
+def _run_worker(spec: dict[str, Any], timeout: float, scratch: Path, server: ForkServer) -> dict[str, Any]:
     """Run one configuration in a fresh process; returns its result, or an error record."""
     spec_path = scratch / f"{spec['name']}.spec.json"
     out_path = scratch / f"{spec['name']}.result.json"
     # The fork server outlives environment changes of this process: send the environment along.
     spec_path.write_text(json.dumps({**spec, "out": str(out_path), "env": dict(os.environ)}))
     started = time.perf_counter()
-    process = _fork_context().Process(target=_worker_entry, args=(str(spec_path),), name=f"bench-{spec['name']}")
-    process.start()
-    process.join(timeout)
-    if process.is_alive():
-        process.kill()
-        process.join()
+    code = server.run(spec_path, timeout)
+    if code is None:
         return {"error": f"timed out after {timeout:.0f} s"}
     if not out_path.exists():
-        return {"error": f"exit status {process.exitcode} (killed for memory?)"}
+        return {"error": f"exit status {code} (killed for memory?)"}
     result = json.loads(out_path.read_text())
     if "error" not in result:
         result["wall_seconds"] = time.perf_counter() - started
     return result
+
+
+@contextlib.contextmanager
+def _configurations(timeout: float) -> Iterator[tuple[Callable[[dict[str, Any]], dict[str, Any]], Path]]:
+    """``run(spec)`` for one configuration in a fresh process, and a scratch directory."""
+    server = ForkServer()
+    with tempfile.TemporaryDirectory(prefix="outlier-bench-") as scratch:
+        try:
+            yield (lambda spec: _run_worker(spec, timeout, Path(scratch), server)), Path(scratch)
+        finally:
+            server.close()
 
 
 def _summary_line(name: str, result: dict[str, Any]) -> str:
@@ -278,7 +347,7 @@ def run_bench(options: BenchOptions, echo: Echo = lambda s: None) -> tuple[Path,
     results: dict[str, Any] = {}
     run_names = [n for n in names if n not in skipped]
     out_dir = Path(options.out_dir)
-    with tempfile.TemporaryDirectory(prefix="outlier-bench-") as scratch:
+    with _configurations(options.timeout_s) as (run_config, scratch):
         for number, name in enumerate(run_names, start=1):
             spec = {**CONFIGS[name], **common, "name": name}
             if spec["kind"] in ("paged", "resident"):
@@ -290,7 +359,7 @@ def run_bench(options: BenchOptions, echo: Echo = lambda s: None) -> tuple[Path,
                                 cache_gb=options.geometry.total_expert_bytes / GB * 1.001)
                 spec["load"] = {k: v for k, v in load.items() if v is not None}
             if spec.get("trace"):
-                spec["trace_out"] = str(Path(scratch) / f"{name}.trace.json")
+                spec["trace_out"] = str(scratch / f"{name}.trace.json")
             if spec["kind"] == "disk":
                 source = results.get(spec["trace_of"], {})
                 if "trace_path" not in source:
@@ -300,7 +369,7 @@ def run_bench(options: BenchOptions, echo: Echo = lambda s: None) -> tuple[Path,
                 spec["reader_options"] = dict(options.reader_options)
             echo(f"[{number}/{len(run_names)}] {name} ...")
             evict(files)
-            results[name] = _run_worker(spec, options.timeout_s, Path(scratch))
+            results[name] = run_config(spec)
             if spec.get("trace_out"):
                 results[name]["trace_path"] = spec["trace_out"]
             echo(f"      {_summary_line(name, results[name])}")
@@ -375,10 +444,10 @@ def run_sweep_k(geometry: Geometry, ks: Sequence[int], out_dir: Path, *, tokens:
     base = provenance(command)
     options = BenchOptions(geometry=geometry)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="outlier-sweep-") as scratch:
+    with _configurations(timeout_s) as (run_config, _):
         echo("stock mlx-lm reference (greedy tokens) ...")
         evict(files)
-        stock = _run_worker({**common, "kind": "stock", "name": "stock"}, timeout_s, Path(scratch))
+        stock = run_config({**common, "kind": "stock", "name": "stock"})
         echo(f"      {_summary_line('stock', stock)}")
         reference = [run["tokens"] for run in stock.get("runs", [])] or None
         for k in ks:
@@ -387,7 +456,7 @@ def run_sweep_k(geometry: Geometry, ks: Sequence[int], out_dir: Path, *, tokens:
                     "load": {"reader": reader, "k_override": k, "cache_gb": budget}}
             echo(f"K={k} (cache_gb {budget:.3f}) ...")
             evict(files)
-            result = _run_worker(spec, timeout_s, Path(scratch))
+            result = run_config(spec)
             echo(f"      {_summary_line(f'K={k}', result)}")
             agreement = None
             if reference and "runs" in result:
@@ -617,3 +686,9 @@ def _worker_entry(spec_path: str) -> None:
     except BaseException as exc:  # noqa: BLE001 - reported in the results, the bench goes on
         result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
     Path(spec["out"]).write_text(json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["serve"]:
+        sys.exit(_serve())
+    sys.exit("usage: python -m outlier_runtime.bench serve (internal; run `outlier bench`)")

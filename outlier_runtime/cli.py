@@ -301,5 +301,123 @@ def make_tiny(arch: str, out: Path, seed: int) -> None:
     click.echo(f"wrote {path}")
 
 
+
+def _command_line(ctx: click.Context) -> str:
+    """The command as typed, for provenance files (options with their values)."""
+    parts = ["outlier", ctx.info_name or ""]
+    for name, value in ctx.params.items():
+        flag = "--" + name.replace("_", "-")
+        if value in (None, False, ()):
+            continue
+        values = value if isinstance(value, tuple) else (value,)
+        parts += [flag] if value is True else [f"{flag}={v}" for v in values]
+    return " ".join(parts)
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--no-checksums", is_flag=True, help="Skip the per-expert CRC32s (faster to write).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary: files, bytes, seconds.")
+def pack(model_dir: Path, no_checksums: bool, as_json: bool) -> None:
+    """Rewrite MODEL_DIR's experts as one aligned record each (one read per miss, O_DIRECT-ready)."""
+    import time
+
+    from tqdm import tqdm
+
+    from .pack import pack_model
+
+    bar = tqdm(desc="pack", unit="expert", file=sys.stderr, disable=None)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    started = time.perf_counter()
+    try:
+        index = pack_model(model_dir, checksums=not no_checksums, progress=progress)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - started
+    files = sorted(index.parent.iterdir())
+    summary = {
+        "model": str(model_dir),
+        "pack": str(index.parent),
+        "files": [str(f) for f in files],
+        "file_count": len(files),
+        "bytes": sum(f.stat().st_size for f in files),
+        "seconds": seconds,
+    }
+    if as_json:
+        _emit_json(summary)
+        return
+    click.echo(f"packed {summary['file_count']} files, {summary['bytes'] / 1e9:.2f} GB, in {seconds:.1f} s: "
+               f"{summary['pack']}")
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="A small geometry: the whole bench in well under two minutes.")
+@click.option("--layers", type=int, help="MoE layers of the benchmark model (default 2; 4 GB of experts each).")
+@click.option("--tokens", type=int, help="Greedy decode tokens per configuration (default 24; --quick 8).")
+@click.option("--prompt", help="Prompt (raw, no chat template).")
+@click.option("--k-override", type=int, default=20, show_default=True, help="Slots per MoE layer.")
+@click.option("--cache-gb", type=float, help="Slots + RAM cache bound (default: the K slots plus 50%).")
+@click.option("--config", "configs", multiple=True, help="Run only this configuration (repeatable).")
+@click.option("--workers", type=int, help="fanout reader threads.")
+@click.option("--chunk-kib", type=int, help="fanout reader piece size in KiB.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the benchmark model is built (default: $OUTLIER_HOME/bench-models).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"),
+              show_default=True, help="Where <timestamp>.json and .md are written.")
+@click.option("--timeout", type=float, default=900, show_default=True, help="Seconds per configuration.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results JSON instead of the table.")
+@click.pass_context
+def bench(ctx: click.Context, quick: bool, layers: int | None, tokens: int | None, prompt: str | None,
+          k_override: int, cache_gb: float | None, configs: tuple[str, ...], workers: int | None,
+          chunk_kib: int | None, cache_dir: Path | None, out_dir: Path, timeout: float, as_json: bool) -> None:
+    """Benchmark the Plus engine: stock, mmap, pread, fanout, fanout+pack(+prefetch), disk and compute bounds."""
+    from .bench import PROMPT, BenchOptions, choose_geometry, run_bench
+
+    reader_options = {k: v for k, v in {"workers": workers,
+                                        "chunk_bytes": chunk_kib * 1024 if chunk_kib else None}.items() if v}
+    options = BenchOptions(
+        geometry=choose_geometry(quick, layers), tokens=tokens or (8 if quick else 24), prompt=prompt or PROMPT,
+        k_override=k_override, cache_gb=cache_gb, cache_dir=cache_dir, out_dir=out_dir,
+        configs=configs or None, reader_options=reader_options, timeout_s=timeout, command=_command_line(ctx),
+    )
+    json_path, md_path, report = run_bench(options, echo=lambda line: click.echo(line, err=True))
+    if as_json:
+        _emit_json(report)
+    else:
+        click.echo(md_path.read_text())
+    click.echo(f"wrote {json_path} and {md_path}", err=True)
+
+
+@main.command("sweep-k")
+@click.option("--k", "ks", type=int, multiple=True, help="Slots per layer to try (default 4, 20, 32, 48).")
+@click.option("--quick", is_flag=True, help="The small --quick geometry of `outlier bench`.")
+@click.option("--layers", type=int, help="MoE layers of the benchmark model (default 2).")
+@click.option("--tokens", type=int, default=16, show_default=True, help="Greedy decode tokens per prompt.")
+@click.option("--prompt", "prompts", multiple=True, help="Prompt (repeatable; default one).")
+@click.option("--reader", default="fanout", show_default=True, help="Reader plugin name.")
+@click.option("--cache-gb", type=float, help="Slots + RAM cache bound (default: K slots plus 50%, per K).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the model is built.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("bench-results/k-sweep"), show_default=True,
+              help="Where K_SWEEP_RESULTS.md and k_sweep_K<n>.json are written.")
+@click.option("--timeout", type=float, default=900, show_default=True, help="Seconds per K.")
+@click.pass_context
+def sweep_k(ctx: click.Context, ks: tuple[int, ...], quick: bool, layers: int | None, tokens: int,
+            prompts: tuple[str, ...], reader: str, cache_gb: float | None, cache_dir: Path | None,
+            out_dir: Path, timeout: float) -> None:
+    """The product's K sweep: tok/s, peak RSS and agreement with stock greedy tokens, one process per K."""
+    from .bench import PROMPT, choose_geometry, run_sweep_k
+
+    md = run_sweep_k(choose_geometry(quick, layers), ks or (4, 20, 32, 48), out_dir, tokens=tokens,
+                     prompts=prompts or (PROMPT,), reader=reader, cache_gb=cache_gb, cache_dir=cache_dir,
+                     timeout_s=timeout, command=_command_line(ctx), echo=lambda line: click.echo(line, err=True))
+    click.echo(md.read_text())
+    click.echo(f"wrote {md} and k_sweep_K<n>.json next to it", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

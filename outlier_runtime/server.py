@@ -279,6 +279,7 @@ def serve(config: ServerConfig) -> None:
     from .tiers import resolve_tier
 
     check_bind(config.host, config.api_key)
+    get_registry()  # load the plugins now: a broken one fails here, not on the first request
     for tier in {*config.tier_overrides, *([config.preload] if config.preload else [])}:
         resolve_tier(tier, get_registry(), config.load_overrides(tier))  # fail now, not on first request
     log.info("serving on http://%s:%d/v1 (API key %s)", config.host, config.port,

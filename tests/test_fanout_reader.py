@@ -79,9 +79,9 @@ def test_many_requests_in_one_batch(data_file):
 def test_truncated_file_names_the_file(data_file, aligned):
     reader = _reader("fanout", workers=4, chunk_bytes=4096)
     offset = FILE_BYTES - 8192 if aligned else FILE_BYTES - 8191
-    buffer = aligned_empty(16384)
+    big, buffer = aligned_empty(1 << 19), aligned_empty(16384)  # enough bytes to use the worker threads
     with pytest.raises(ExpertReadError, match="file ends before byte") as caught:
-        reader.read([ReadRequest(data_file, 0, 4096, memoryview(buffer)[:4096]),
+        reader.read([ReadRequest(data_file, 0, 1 << 19, memoryview(big)),
                      ReadRequest(data_file, offset, 16384, memoryview(buffer))])
     assert data_file in str(caught.value) and caught.value.path == data_file
     reader.close()

@@ -158,6 +158,20 @@ def test_seed_makes_sampling_reproducible(client):
     assert len({sample(seed) for seed in (1, 2, 3)}) > 1
 
 
+def test_concurrent_requests_on_two_tiers_are_queued_not_interleaved(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def complete(model: str) -> str:
+        chunks = client.completions.create(model=model, prompt="def f(", max_tokens=8, temperature=0, stream=True)
+        return "".join(c.choices[0].text for c in chunks)
+
+    alone = {model: complete(model) for model in ("outlier-nano", "outlier-plus")}
+    with ThreadPoolExecutor(4) as pool:
+        models = ["outlier-nano", "outlier-plus"] * 2
+        together = list(pool.map(complete, models))
+    assert together == [alone[model] for model in models]
+
+
 def _post(server: str, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
     return httpx.post(f"{server}{path}", json=body, headers=_auth() if headers is None else headers, timeout=30)
 

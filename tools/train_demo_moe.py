@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--mlx-eval-tokens", type=int, default=16384,
+    p.add_argument("--mlx-eval-tokens", type=int, default=4096,
                    help="validation tokens scored with the converted 4-bit MLX model")
     p.add_argument("--val-windows", type=int, default=0,
                    help="score only this many validation windows at the end (0: all; for smoke tests)")
@@ -313,7 +313,24 @@ def export_hf(model, tokenizer, args, hf_dir: Path) -> None:
         "eos_token_id": [tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id(DOC_SEPARATOR)],
     }
     (hf_dir / "config.json").write_text(json.dumps(config, indent=2))
-    save_tokenizer(tokenizer, hf_dir)
+    save_pinned_tokenizer(tokenizer, hf_dir)
+
+
+def save_pinned_tokenizer(tokenizer, out_dir: Path) -> None:
+    """save_tokenizer, plus a tokenizer_config.json that makes transformers 5 use tokenizer.json as is.
+
+    For model_type qwen3_5_moe, transformers 5 ignores ``tokenizer_class`` and builds its own
+    Qwen3_5Tokenizer from our vocab and merges, with Qwen's pre-tokenizer regex and an NFC
+    normalizer: different ids (20 of 22 samples differed). Its forced-class rule is skipped
+    when the config has an ``auto_map``; without trust_remote_code that map is never imported
+    and AutoTokenizer falls through to ``tokenizer_class`` (PreTrainedTokenizerFast, i.e.
+    TokenizersBackend loading tokenizer.json unchanged). check_tokenizer verifies the result.
+    """
+    save_tokenizer(tokenizer, out_dir)
+    path = out_dir / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "PreTrainedTokenizerFast"]}
+    path.write_text(json.dumps(config, indent=2))
 
 
 def convert(hf_dir: Path, mlx_dir: Path, tokenizer, quantize: bool) -> None:
@@ -326,7 +343,7 @@ def convert(hf_dir: Path, mlx_dir: Path, tokenizer, quantize: bool) -> None:
     # mlx_lm.convert re-saves the tokenizer through transformers; ship the original files.
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (mlx_dir / name).unlink(missing_ok=True)
-    save_tokenizer(tokenizer, mlx_dir)
+    save_pinned_tokenizer(tokenizer, mlx_dir)
 
 
 def mlx_logits_match(model, mlx_dir: Path, tokens: np.ndarray) -> float:
@@ -479,7 +496,10 @@ def main(argv=None) -> int:
         },
         "tokenizer": {"kind": "byte-level BPE (tokenizers), trained on the train split",
                       "vocab_size": tokenizer.get_vocab_size(), "eos_token": "<|im_end|>",
-                      "mlx_lm_load_check": tok_check},
+                      "mlx_lm_load_check": tok_check,
+                      "transformers5_fix": "tokenizer_config.json carries an auto_map so transformers 5 does not "
+                                           "substitute Qwen3_5Tokenizer (different pre-tokenizer, NFC) for "
+                                           "tokenizer.json; do not load with trust_remote_code=True"},
         "model": {"architecture": "qwen3_5_moe", "trained_with": "transformers Qwen3_5MoeForCausalLM (PyTorch, CPU)",
                   "text_config": text_config_dict(args, tokenizer), "parameters": n_params},
         "hyperparameters": {k: getattr(args, k) for k in (
