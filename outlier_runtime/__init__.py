@@ -35,7 +35,7 @@ __version__ = "0.1.0"
 def tiers() -> list[dict[str, Any]]:
     """Every known tier, with whether this machine can run it (RAM >= min_ram_gb x 1.15)."""
     from .plugin_manager import get_registry
-    from .tiers import list_tiers
+    from .catalog import list_tiers
 
     return [status.to_dict() for status in list_tiers(get_registry())]
 

@@ -63,7 +63,7 @@ def tiers(as_json: bool) -> None:
 def info(tier: str, as_json: bool) -> None:
     """Show a tier's merged manifest and where it came from."""
     from .plugin_manager import get_registry
-    from .tiers import admission, discover, resolve_tier
+    from .catalog import admission, discover, resolve_tier
 
     manifest = resolve_tier(tier, get_registry())
     ok, reason = admission(manifest)

@@ -7,7 +7,7 @@ from pathlib import Path
 import tomli_w
 
 from .errors import ManifestError, TierNotFoundError
-from .tiers import deep_merge, discover, outlier_home
+from .catalog import deep_merge, discover, outlier_home
 
 HEADER = """\
 # A user tier manifest written by `outlier new-tier`. Edit any knob; unknown keys are errors.

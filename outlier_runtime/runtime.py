@@ -17,7 +17,7 @@ from .protocols import LoadedModel, LoadRequest
 from .resolve import resolve_model
 from .results import Chunk, GenerationResult
 from .system import peak_rss_bytes
-from .tiers import check_admission, resolve_tier
+from .catalog import check_admission, resolve_tier
 
 log = logging.getLogger(__name__)
 

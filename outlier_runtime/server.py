@@ -69,7 +69,7 @@ class ServerConfig:
     def load_overrides(self, tier: str) -> dict[str, Any]:
         """The overrides ``load(tier, ...)`` gets: paging knobs (paged tiers only), then the tier's own."""
         from .plugin_manager import get_registry
-        from .tiers import resolve_tier
+        from .catalog import resolve_tier
 
         per_tier = self.tier_overrides.get(tier, {})
         paged = resolve_tier(tier, get_registry(), per_tier).paging is not None
@@ -82,7 +82,7 @@ def parse_tier_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     ``TIER=PATH`` serves TIER from a model directory (or repo id); ``TIER.KEY=VALUE`` sets any
     load override (``k_override``, ``context_window``, ``paging.reader``, ...), VALUE read as TOML.
     """
-    from .tiers import overrides_to_data
+    from .catalog import overrides_to_data
 
     overrides: dict[str, dict[str, Any]] = {}
     for item in items:
@@ -276,7 +276,7 @@ def serve(config: ServerConfig) -> None:
     import uvicorn
 
     from .plugin_manager import get_registry
-    from .tiers import resolve_tier
+    from .catalog import resolve_tier
 
     check_bind(config.host, config.api_key)
     get_registry()  # load the plugins now: a broken one fails here, not on the first request

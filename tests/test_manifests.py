@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import textwrap
 from pathlib import Path
 
@@ -11,10 +10,9 @@ import pytest
 import outlier_runtime
 from outlier_runtime import AdmissionError, ManifestError
 from outlier_runtime.plugin_manager import get_registry
-from outlier_runtime.tiers import resolve_tier
+from outlier_runtime.catalog import resolve_tier
 
-# `outlier_runtime.tiers` is the listing function; the module of the same name is here.
-tiers_module = importlib.import_module("outlier_runtime.tiers")
+from outlier_runtime import catalog as tiers_module
 
 BUILTIN = {
     # name: (display_name, kind, min_ram_gb, disk_gb, repo, loader)

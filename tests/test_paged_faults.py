@@ -6,15 +6,15 @@ import json
 import os
 import shutil
 
-import mlx.core as mx
 import mlx_lm
-import numpy as np
 import pytest
 
 import outlier_runtime
 from outlier_runtime import CheckpointError, ExpertReadError, hookimpl
 from outlier_runtime.plugin_manager import register_plugin
 from outlier_runtime.protocols import ReadRequest
+
+from helpers import assert_slots_hold_true_experts
 
 PROMPT = "import os\n\ndef walk(path):\n    for name in os.listdir(path):\n"
 
@@ -51,22 +51,6 @@ def _load(path, **overrides):
     return outlier_runtime.load("plus", **options)
 
 
-def _assert_slots_hold_true_experts(runtime, path):
-    """Every slot marked valid holds exactly its expert's bytes from the checkpoint."""
-    store = runtime.model.layers[0].mlp.switch_mlp._store
-    for slots in store.layers:
-        assert set(slots.slot_of.values()) == {s for s, e in enumerate(slots.expert_in_slot) if e != -1}
-        for expert, slot in slots.slot_of.items():
-            assert slots.expert_in_slot[slot] == expert
-            for buffer, tensor in zip(slots.buffers, slots.layer.tensors):
-                file, offset, length = tensor.range_of(expert)
-                with open(file, "rb") as handle:
-                    handle.seek(offset)
-                    expected = np.frombuffer(handle.read(length), dtype=np.uint8)
-                got = np.asarray(buffer[slot].view(mx.uint8)).reshape(-1)
-                assert np.array_equal(got, expected), (slots.layer.path, expert, tensor.param)
-
-
 def test_missing_shard_is_named(model_copy):
     shard = _expert_shard(model_copy)
     shard.unlink()
@@ -99,9 +83,9 @@ def test_shard_truncated_mid_run_fails_clearly_then_recovers(model_copy):
         assert str(shard) in str(error.value)
         assert runtime.engine_stats()["read_retries"] > 0
         shard.write_bytes(saved)  # the disk is back: the runtime serves the next request exactly
-        _assert_slots_hold_true_experts(runtime, model_copy)
+        assert_slots_hold_true_experts(runtime)
         assert runtime.generate(PROMPT, max_tokens=10, temperature=0.0, chat=False).tokens == expected
-        _assert_slots_hold_true_experts(runtime, model_copy)
+        assert_slots_hold_true_experts(runtime)
     finally:
         runtime.close()
 
@@ -143,7 +127,7 @@ def test_transient_read_errors_are_retried_and_never_cached(model_copy):
         result = runtime.generate(PROMPT, max_tokens=10, temperature=0.0, chat=False)
         assert result.tokens == expected  # the failed attempts' garbage was never computed with
         assert result.engine["read_retries"] > 0
-        _assert_slots_hold_true_experts(runtime, model_copy)
+        assert_slots_hold_true_experts(runtime)
     finally:
         runtime.close()
 

@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=None,
                    help="checkpoints and the Hugging Face export (default ~/.cache/outlier-runtime/train-demo-moe)")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=700)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)

@@ -1,4 +1,4 @@
-"""Models shipped inside the package, so the README's main command needs no download."""
+"""Models shipped inside the package: the demo MoE trained on the standard library's source."""
 
 from __future__ import annotations
 
@@ -6,14 +6,17 @@ from pathlib import Path
 
 from ..errors import ModelNotFoundError
 
-DEMO_MOE = Path(__file__).with_name("demo-moe")
+DEMO_MOE_DIR = Path(__file__).resolve().parent / "demo-moe"
 
 
 def demo_moe_path() -> Path:
-    """The embedded demo MoE (trained on the Python standard library), in mlx-lm's format."""
-    if not (DEMO_MOE / "config.json").is_file():
+    """The embedded demo MoE's directory (4-bit qwen3_5_moe, loadable with ``mlx_lm.load``)."""
+    missing = [name for name in ("config.json", "model.safetensors", "tokenizer.json")
+               if not (DEMO_MOE_DIR / name).is_file()]
+    if missing:
         raise ModelNotFoundError(
-            f"The embedded demo model is missing from {DEMO_MOE}. Reinstall outlier-runtime, or "
-            f"rebuild it with `python tools/train_demo_moe.py --out {DEMO_MOE}`."
+            f"The embedded demo model is incomplete: {DEMO_MOE_DIR} lacks {', '.join(missing)}. "
+            f"Reinstall outlier-runtime, or rebuild the model with "
+            f"`python tools/train_demo_moe.py --out {DEMO_MOE_DIR}`."
         )
-    return DEMO_MOE
+    return DEMO_MOE_DIR

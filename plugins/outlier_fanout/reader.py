@@ -137,6 +137,15 @@ class FanoutReader:
             self._fds[key] = fd
             return fd
 
+    def _forget(self, path: str) -> None:
+        """Close ``path``'s descriptors after an error: the next read opens the file afresh,
+        which reads a shard that was replaced (re-downloaded), not the old file still held open."""
+        with self._lock:
+            fds = [self._fds.pop((path, direct), None) for direct in (True, False)]
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
+
     def _refuse_direct(self, path: str) -> None:
         with self._lock:
             self._refused.add(path)
@@ -251,6 +260,9 @@ class FanoutReader:
             self._direct_bytes += sum(d for d, _ in results)
             self._buffered_bytes += sum(b for _, b in results)
         if failures:
+            for failure in failures:
+                if isinstance(failure, ExpertReadError) and failure.path:
+                    self._forget(failure.path)
             raise failures[0]
 
     def close(self) -> None:

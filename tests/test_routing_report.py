@@ -1,0 +1,130 @@
+"""The routing report: run held-out text through the shipped demo MoE and check what it says."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from functools import lru_cache
+
+import numpy as np
+import pytest
+
+from outlier_runtime.embedded import demo_moe_path
+from outlier_runtime.plugin_manager import get_registry
+from outlier_runtime.routing_report import (
+    RoutingReportError,
+    find_expert_modules,
+    recording_routes,
+    routing_report,
+    simulate_belady,
+    simulate_policy,
+)
+
+FRACTIONS = (0.05, 0.10, 0.25, 0.50, 0.75)
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("routing")
+
+
+@pytest.fixture(scope="module")
+def report(report_dir):
+    return routing_report(demo_moe_path(), report_dir, max_tokens=256, fractions=FRACTIONS)
+
+
+def test_finds_every_moe_layer_by_type(report):
+    assert report["moe_layers"] == 6
+    assert (report["num_experts"], report["top_k"]) == (64, 4)
+    assert all(".switch_mlp" in layer["module"] for layer in report["layers"])
+
+
+def test_histograms_count_every_routed_expert(report):
+    assert report["tokens"] > 200  # 8 held-out files, up to 32 tokens each
+    for layer in report["layers"]:
+        assert len(layer["histogram"]) == layer["num_experts"]
+        assert sum(layer["histogram"]) == layer["tokens"] * layer["top_k"]
+
+
+def test_consecutive_tokens_share_experts_more_than_chance(report):
+    overlaps = [layer["mean_consecutive_overlap"] for layer in report["layers"]]
+    assert all(0.0 <= o <= 1.0 for o in overlaps)
+    # Routing locality is what makes paging pay: a trained router reuses experts.
+    assert report["summary"]["mean_consecutive_overlap"] > 1.5 * report["summary"]["random_routing_overlap"]
+
+
+def test_belady_bounds_every_policy_at_every_size(report):
+    for layer in report["layers"]:
+        rates = layer["hit_rate"]
+        assert set(rates) == {"lru", "lfu", "belady"}
+        for i, _ in enumerate(FRACTIONS):
+            assert rates["belady"][i] >= rates["lru"][i] >= 0.0
+            assert rates["belady"][i] >= rates["lfu"][i] >= 0.0
+            assert rates["belady"][i] <= 1.0
+        # More cache never hurts the optimum (nor LRU, a stack algorithm).
+        assert rates["belady"] == sorted(rates["belady"])
+        assert rates["lru"] == sorted(rates["lru"])
+        assert layer["capacities"][0] == layer["top_k"]  # 5% of 64 is below top_k: clamped
+
+
+def test_writes_json_and_plots(report, report_dir):
+    on_disk = json.loads((report_dir / "routing.json").read_text())
+    assert on_disk["summary"] == report["summary"]
+    for name in report["plots"]:
+        assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recording_leaves_the_model_as_it_was():
+    from mlx_lm import load
+
+    model, _ = load(str(demo_moe_path()))
+    modules = [m for _, m in find_expert_modules(model)]
+    classes = [type(m) for m in modules]
+    with recording_routes(modules) as records:
+        assert all(type(m).__name__.startswith("Recording") for m in modules)
+    assert [type(m) for m in modules] == classes
+    assert records == [[] for _ in modules]
+
+
+# --- the cache simulation on traces small enough to check by hand or by brute force ---
+
+def brute_force_optimum(routes: np.ndarray, capacity: int) -> float:
+    """Best hit rate over every eviction choice (a token's own experts stay)."""
+    rows = [tuple(r) for r in routes.tolist()]
+
+    @lru_cache(maxsize=None)
+    def best(t: int, cached: frozenset) -> int:
+        if t == len(rows):
+            return 0
+        needed = frozenset(rows[t])
+        hits = len(needed & cached)
+        overflow = len(cached | needed) - capacity
+        evictable = sorted(cached - needed)
+        options = itertools.combinations(evictable, overflow) if overflow > 0 else [()]
+        return hits + max(best(t + 1, (cached | needed) - frozenset(out)) for out in options)
+
+    return best(0, frozenset()) / routes.size
+
+
+def test_belady_is_optimal_on_small_traces():
+    rng = np.random.default_rng(0)
+    lru = lambda: get_registry().create("cache_policy", "lru")  # noqa: E731
+    for _ in range(20):
+        routes = np.stack([rng.choice(6, size=2, replace=False) for _ in range(9)])
+        for capacity in (2, 3, 4):
+            optimum = brute_force_optimum(routes, capacity)
+            assert simulate_belady(routes, capacity, 6) == pytest.approx(optimum)
+            assert simulate_policy(routes, capacity, lru()) <= optimum + 1e-12
+
+
+def test_lru_on_a_hand_checked_trace():
+    # capacity 2, top-1: a b a c b -> miss miss hit miss(evicts b) miss(evicts a) = 1 hit of 5
+    routes = np.array([[0], [1], [0], [2], [1]])
+    assert simulate_policy(routes, 2, get_registry().create("cache_policy", "lru")) == pytest.approx(1 / 5)
+    assert simulate_belady(routes, 2, 3) == pytest.approx(2 / 5)  # evicts a at c: b hits
+
+
+def test_capacity_below_top_k_is_refused():
+    routes = np.array([[0, 1, 2, 3]])
+    with pytest.raises(RoutingReportError, match="below top_k"):
+        simulate_belady(routes, 3, 4)
