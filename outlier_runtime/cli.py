@@ -160,9 +160,14 @@ def _print_stats(result: Any) -> None:
 def _run(tier: str, prompt: str, overrides: dict[str, Any], force: bool, max_tokens: int | None,
          temperature: float | None, top_p: float | None, seed: int | None, chat: bool | None,
          stats: bool, as_json: bool) -> None:
+    import time
+
     import outlier_runtime
 
+    started = time.perf_counter()
     runtime = outlier_runtime.load(tier, force=force, **overrides)
+    if not as_json:
+        click.echo(f"-- loaded {runtime.manifest.tier.display_name} in {time.perf_counter() - started:.1f} s", err=True)
     try:
         options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat)
         if as_json:

@@ -178,16 +178,22 @@ def simulate_policy(routes: np.ndarray, capacity: int, policy, layer: int = 0) -
     return hits / routes.size
 
 
-def simulate_belady(routes: np.ndarray, capacity: int, n_experts: int) -> float:
+def next_uses(routes: np.ndarray, n_experts: int) -> np.ndarray:
+    """[tokens + 1, n_experts]: the first token at or after t that uses each expert (tokens: never)."""
+    n = len(routes)
+    used = np.zeros((n + 1, n_experts), dtype=bool)
+    np.put_along_axis(used[:n], routes, True, axis=1)
+    when = np.where(used, np.arange(n + 1)[:, None], n)
+    return np.minimum.accumulate(when[::-1], axis=0)[::-1]
+
+
+def simulate_belady(routes: np.ndarray, capacity: int, n_experts: int,
+                    next_use: np.ndarray | None = None) -> float:
     """Belady's optimum under the same rules: evict the expert whose next use is farthest away."""
     if capacity < routes.shape[1]:
         raise RoutingReportError(f"cache capacity {capacity} is below top_k {routes.shape[1]}")
-    n = len(routes)
-    # next_use[t, e]: the first token after t that uses e (n: never).
-    next_use = np.full((n + 1, n_experts), n, dtype=np.int64)
-    for t in range(n - 1, -1, -1):
-        next_use[t] = next_use[t + 1]
-        next_use[t, routes[t]] = t
+    if next_use is None:
+        next_use = next_uses(routes, n_experts)
     cached: set[int] = set()
     hits = 0
     for t, row in enumerate(routes.tolist()):
@@ -215,7 +221,7 @@ def routing_report(
     model_path: str | Path,
     out_dir: str | Path,
     *,
-    max_tokens: int = 2048,
+    max_tokens: int = 1024,
     policies: Sequence[str] = ("lru", "lfu"),
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     texts: Sequence[str] | None = None,
@@ -241,7 +247,8 @@ def routing_report(
         capacities = [capacity_for(f, n_experts, top_k) for f in fractions]
         hit_rate = {policy: [simulate_policy(layer_routes, c, factory(), index) for c in capacities]
                     for policy, factory in factories.items()}
-        hit_rate["belady"] = [simulate_belady(layer_routes, c, n_experts) for c in capacities]
+        upcoming = next_uses(layer_routes, n_experts)
+        hit_rate["belady"] = [simulate_belady(layer_routes, c, n_experts, upcoming) for c in capacities]
         overlap = consecutive_overlap(layer_routes, starts)
         histogram = expert_histogram(layer_routes, n_experts)
         layers.append({
@@ -335,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Report how an MoE model routes held-out text.")
     parser.add_argument("model_path", type=Path)
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--max-tokens", type=int, default=2048)
+    parser.add_argument("--max-tokens", type=int, default=1024)
     parser.add_argument("--policies", default="lru,lfu", help="cache policy names from the plugin registry")
     args = parser.parse_args(argv)
     report = routing_report(args.model_path, args.out_dir, max_tokens=args.max_tokens,
