@@ -69,9 +69,10 @@ def test_truncated_shard_is_named_at_load(model_copy):
     assert "truncated" in str(error.value)
 
 
-def test_shard_truncated_mid_run_fails_clearly_then_recovers(model_copy):
+@pytest.mark.parametrize("reader", ["pread", "mmap", "fanout"])
+def test_shard_truncated_mid_run_fails_clearly_then_recovers(model_copy, reader):
     model, tokenizer, expected = _stock(model_copy)
-    runtime = _load(model_copy)
+    runtime = _load(model_copy, reader=reader)
     try:
         runtime.generate("def f(", max_tokens=2, temperature=0.0, chat=False)
         shard = _expert_shard(model_copy)

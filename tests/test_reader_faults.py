@@ -1,8 +1,8 @@
 """OS-level faults under the preadv readers: short reads, EIO, shards removed or replaced mid-run.
 
 ``os.preadv`` is replaced only where the reader under test looks it up (the ``os`` of
-``outlier_readers.files`` for ``pread``, of ``outlier_fanout.reader`` for ``fanout``), so a
-fault reaches that reader and nothing else. Run with ``-s`` for a summary of the faults injected.
+``outlier_runtime.fileio`` for buffered reads, and also of ``outlier_fanout.reader`` for the
+fanout reader's O_DIRECT reads), so a fault reaches that reader and nothing else. Run with ``-s`` for a summary of the faults injected.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ SHORT_READ_BYTES = 1000
 DIRECT_BLOCK = 4096
 #: Every reader that reads with ``os.preadv``: the module it looks ``os`` up in, and its options.
 READERS = {
-    "pread": ("outlier_readers.files", {}),
-    "fanout": ("outlier_fanout.reader", {"workers": 4, "chunk_bytes": 4096}),
+    "pread": (("outlier_runtime.fileio",), {}),
+    "fanout": (("outlier_runtime.fileio", "outlier_fanout.reader"), {"workers": 4, "chunk_bytes": 4096}),
 }
 
 #: Faults injected by every test of this module, by reader and kind (printed at the end).
@@ -111,9 +111,9 @@ def reader_name(request) -> str:
 
 @pytest.fixture
 def faults(reader_name, monkeypatch) -> FaultyOs:
-    module = importlib.import_module(READERS[reader_name][0])
     faulty = FaultyOs(reader_name)
-    monkeypatch.setattr(module, "os", faulty)
+    for module in READERS[reader_name][0]:
+        monkeypatch.setattr(importlib.import_module(module), "os", faulty)
     return faulty
 
 

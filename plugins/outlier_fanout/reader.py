@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from outlier_runtime.errors import ExpertReadError, ManifestError
+from outlier_runtime.fileio import FileTable, pread_into
 from outlier_runtime.protocols import ReadRequest
 
 #: O_DIRECT needs offsets, lengths and buffer addresses aligned to the logical block size;
@@ -82,7 +83,8 @@ class FanoutReader:
         self.chunk_bytes = chunk_bytes
         self.direct = direct and bool(_O_DIRECT)
         self._lock = threading.Lock()
-        self._fds: dict[tuple[str, bool], int] = {}
+        self._files = FileTable()
+        self._direct_files = FileTable(_O_DIRECT)
         self._refused: set[str] = set()  # files whose filesystem refused O_DIRECT
         self._pool: ThreadPoolExecutor | None = None
         self._direct_bytes = 0
@@ -116,35 +118,23 @@ class FanoutReader:
 
     # ------------------------------------------------------------------ files
 
-    def _fd(self, path: str, direct: bool) -> int | None:
-        """The descriptor for ``path``; for ``direct``, None when the filesystem refuses O_DIRECT."""
-        key = (path, direct)
-        fd = self._fds.get(key)
-        if fd is not None:
-            return fd
-        with self._lock:
-            if key in self._fds:
-                return self._fds[key]
-            if direct and path in self._refused:
+    def _direct_fd(self, path: str) -> int | None:
+        """An O_DIRECT descriptor for ``path``, or None when its filesystem refuses O_DIRECT."""
+        if path in self._refused:
+            return None
+        try:
+            return self._direct_files.fd(path)
+        except ExpertReadError as exc:
+            if isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.EINVAL:
+                self._refuse_direct(path)
                 return None
-            try:
-                fd = os.open(path, os.O_RDONLY | (_O_DIRECT if direct else 0))
-            except OSError as exc:
-                if direct and exc.errno == errno.EINVAL:
-                    self._refused.add(path)
-                    return None
-                raise ExpertReadError(f"{path}: cannot open: {exc.strerror or exc}", path) from exc
-            self._fds[key] = fd
-            return fd
+            raise
 
     def _forget(self, path: str) -> None:
-        """Close ``path``'s descriptors after an error: the next read opens the file afresh,
-        which reads a shard that was replaced (re-downloaded), not the old file still held open."""
-        with self._lock:
-            fds = [self._fds.pop((path, direct), None) for direct in (True, False)]
-        for fd in fds:
-            if fd is not None:
-                os.close(fd)
+        """After an error, open ``path`` afresh next time: a replaced (re-downloaded) shard is
+        read, not the old file still held open."""
+        self._files.forget(path)
+        self._direct_files.forget(path)
 
     def _refuse_direct(self, path: str) -> None:
         with self._lock:
@@ -180,7 +170,7 @@ class FanoutReader:
         total = len(view)
         done = 0
         if piece.direct:
-            fd = self._fd(path, True)
+            fd = self._direct_fd(path)
             while fd is not None and done < total:
                 try:
                     n = os.preadv(fd, [view[done:]], offset + done)
@@ -194,19 +184,9 @@ class FanoutReader:
                 done += n
                 if n % DIRECT_ALIGNMENT:
                     break  # the rest is no longer aligned: finish it buffered
-        direct_bytes = done
         if done < total:
-            fd = self._fd(path, False)
-            assert fd is not None
-            while done < total:
-                try:
-                    n = os.preadv(fd, [view[done:]], offset + done)
-                except OSError as exc:
-                    raise self._failed(path, offset, total, exc) from exc
-                if n == 0:
-                    raise self._ends_early(path, offset + total)
-                done += n
-        return direct_bytes, total - direct_bytes
+            pread_into(self._files.fd(path), view[done:], offset + done, path)
+        return done, total - done
 
     @staticmethod
     def _failed(path: str, offset: int, total: int, exc: OSError) -> ExpertReadError:
@@ -269,8 +249,7 @@ class FanoutReader:
         """Stop the worker threads and close every descriptor."""
         with self._lock:
             pool, self._pool = self._pool, None
-            fds, self._fds = list(self._fds.values()), {}
         if pool is not None:
             pool.shutdown(wait=True)
-        for fd in fds:
-            os.close(fd)
+        self._files.close()
+        self._direct_files.close()

@@ -17,6 +17,8 @@ class MmapReader:
 
     def __init__(self) -> None:
         self._maps: dict[str, tuple[int, mmap.mmap]] = {}
+        # Maps dropped after an error stay open until close(): another thread may copy from one.
+        self._retired: list[tuple[int, mmap.mmap]] = []
         self._lock = threading.Lock()
         self.stats = {"reader": "mmap", "io_mode": "mmap"}
 
@@ -37,14 +39,22 @@ class MmapReader:
             end = request.offset + request.length
             size = os.fstat(fd).st_size
             if end > size or end > len(mapped):
+                self._retire(request.path)  # a replaced (re-downloaded) file is mapped afresh
                 raise ExpertReadError(
                     f"{request.path}: file ends at byte {size}, before {end} (truncated shard?)", request.path
                 )
             request.out[:] = memoryview(mapped)[request.offset:end]
 
+    def _retire(self, path: str) -> None:
+        with self._lock:
+            entry = self._maps.pop(path, None)
+            if entry is not None:
+                self._retired.append(entry)
+
     def close(self) -> None:
         with self._lock:
-            maps, self._maps = list(self._maps.values()), {}
+            maps, self._maps = [*self._maps.values(), *self._retired], {}
+            self._retired = []
         for fd, mapped in maps:
             mapped.close()
             os.close(fd)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Sequence
 
 from outlier_runtime.errors import ExpertReadError
+from outlier_runtime.fileio import FileTable, pread_into
 from outlier_runtime.protocols import ReadRequest
 
-from .files import FileTable, pread_into
 
 
 class PreadReader:

@@ -1,20 +1,27 @@
-"""Open-file bookkeeping shared by the readers: one descriptor per path, opened on first use."""
+"""Building blocks for readers: a table of open files, and a positional read that fills a buffer.
+
+Readers run in the generating thread and in prefetch or worker threads at once, so both are
+thread safe, and a descriptor is never closed while another thread may still read from it.
+"""
 
 from __future__ import annotations
 
 import os
 import threading
 
-from outlier_runtime.errors import ExpertReadError
+from .errors import ExpertReadError
 
 
 class FileTable:
-    """Keeps one read-only descriptor per path; thread safe."""
+    """Keeps one read-only descriptor per path (opened on first use, with extra ``flags``)."""
 
     def __init__(self, flags: int = 0) -> None:
         self._fds: dict[str, int] = {}
         self._flags = flags
         self._lock = threading.Lock()
+        # Descriptors dropped after an error. They stay open until close(): another thread
+        # may be reading through one, and a reused descriptor number would read another file.
+        self._retired: list[int] = []
 
     def fd(self, path: str) -> int:
         fd = self._fds.get(path)
@@ -29,15 +36,17 @@ class FileTable:
             return self._fds[path]
 
     def forget(self, path: str) -> None:
-        """Close a descriptor (after an error, so that a replaced file is opened afresh)."""
+        """Stop using ``path``'s descriptor (after an error): the next read opens the file afresh,
+        so a shard that was replaced (re-downloaded) is read, not the old file still held open."""
         with self._lock:
             fd = self._fds.pop(path, None)
-        if fd is not None:
-            os.close(fd)
+            if fd is not None:
+                self._retired.append(fd)
 
     def close(self) -> None:
         with self._lock:
-            fds, self._fds = list(self._fds.values()), {}
+            fds, self._fds = [*self._fds.values(), *self._retired], {}
+            self._retired = []
         for fd in fds:
             os.close(fd)
 
