@@ -210,19 +210,19 @@ def run(tier: str, prompt: str, model: str | None, k_override: int | None, cache
 
 
 @main.command()
-@click.option("--prompt", default="import os\n\n\ndef ", show_default=True, help="Python to complete.")
-@click.option("--max-tokens", type=int, default=64, show_default=True)
-@click.option("--k-override", type=int, default=4, show_default=True, help="Slots per MoE layer.")
-@click.option("--cache-gb", type=float, default=0.004, show_default=True, help="Slots + RAM cache bound.")
+@click.option("--prompt", default="def read_file(path):\n    with open(path) as f:\n", show_default=True,
+              help="Python to complete.")
+@click.option("--max-tokens", type=int, default=48, show_default=True)
+@click.option("--k-override", type=int, default=8, show_default=True, help="Slots per MoE layer (of 64 experts).")
+@click.option("--cache-gb", type=float, default=0.006, show_default=True,
+              help="Slots + RAM cache bound (the demo's experts total 0.024 GB).")
 @click.option("--reader", default=None, help="Reader plugin name.")
 @click.option("--cache-policy", default=None, help="Cache-policy plugin name.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON result.")
 def demo(prompt: str, max_tokens: int, k_override: int, cache_gb: float, reader: str | None,
          cache_policy: str | None, as_json: bool) -> None:
     """Run the Plus tier's paged engine on the embedded demo MoE (no download) and show stats."""
-    from .embedded import demo_moe_path
-
-    overrides = _overrides(model=str(demo_moe_path()), k_override=k_override, cache_gb=cache_gb,
+    overrides = _overrides(model="embedded:demo-moe", k_override=k_override, cache_gb=cache_gb,
                            reader=reader, cache_policy=cache_policy)
     _run("plus", prompt, overrides, True, max_tokens, 0.0, None, None, False, True, as_json)
 

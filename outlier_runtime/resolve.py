@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .embedded import SCHEME, embedded_model
 from .errors import ModelNotFoundError
 from .manifest import ModelSection
 
@@ -16,6 +17,8 @@ MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja",
 
 def resolve_model(source: ModelSection, tier: str) -> Path:
     """The local directory holding the model's weights, downloading them if needed and possible."""
+    if source.path and source.path.startswith(SCHEME):
+        return embedded_model(source.path)
     if source.path:
         path = Path(source.path).expanduser()
         if not (path / "config.json").is_file():

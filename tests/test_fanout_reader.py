@@ -54,9 +54,10 @@ def test_aligned_requests_match_pread_and_use_o_direct(data_file):
         assert stats["io_mode"] == "direct" and stats["buffered_bytes"] == 0
 
 
-def test_unaligned_requests_match_pread_and_read_buffered(data_file):
-    ranges = [(1, 10), (4095, 9000), (123457, 70001), (FILE_BYTES - 5, 5)]
-    reader = _reader("fanout", workers=3, chunk_bytes=4096)
+@pytest.mark.parametrize("buffered_chunk_bytes", [0, 4096])
+def test_unaligned_requests_match_pread_and_read_buffered(data_file, buffered_chunk_bytes):
+    ranges = [(1, 10), (4095, 9000), (123457, 70001), (FILE_BYTES - 5, 5)] + [(7, 300_000)]
+    reader = _reader("fanout", workers=3, chunk_bytes=4096, buffered_chunk_bytes=buffered_chunk_bytes)
     assert _read_all(reader, ranges, data_file, aligned=False) == _read_all(_reader("pread"), ranges, data_file,
                                                                             aligned=False)
     assert reader.stats["io_mode"] == "buffered"
@@ -69,7 +70,7 @@ def test_many_requests_in_one_batch(data_file):
     for _ in range(300):
         offset = rng.randrange(FILE_BYTES - 1)
         ranges.append((offset, rng.randrange(1, min(20000, FILE_BYTES - offset) + 1)))
-    reader = _reader("fanout", workers=8, chunk_bytes=4096)
+    reader = _reader("fanout", workers=8, chunk_bytes=4096, buffered_chunk_bytes=8192)
     assert _read_all(reader, ranges, data_file, aligned=False) == _read_all(_reader("pread"), ranges, data_file,
                                                                             aligned=False)
     assert reader.stats["reads"] == 1 and reader.stats["pieces"] >= 300
@@ -122,7 +123,8 @@ def test_direct_can_be_switched_off(data_file):
 
 
 @pytest.mark.parametrize("options, field", [({"workers": 0}, "workers"), ({"chunk_bytes": 1000}, "chunk_bytes"),
-                                            ({"direct": "yes"}, "direct")])
+                                            ({"direct": "yes"}, "direct"),
+                                            ({"buffered_chunk_bytes": -1}, "buffered_chunk_bytes")])
 def test_bad_options_name_the_option(options, field):
     with pytest.raises(ManifestError, match=f"reader_options.{field}"):
         _reader("fanout", **options)

@@ -41,7 +41,11 @@ from outlier_runtime.tokenizer_training import (  # noqa: E402
 
 SPLIT_RULE = "validation = files whose sha256(relative path) % 10 == 0; the rest train"
 DOC_SEPARATOR = "<|endoftext|>"
-PROMPTS = ["def fibonacci(n):\n", "import os\n\ndef "]
+# The first two end inside a whitespace token: byte-level BPE learned "\n" + indentation and
+# " name" as single tokens, so a prompt ending in a bare "\n" or " " is a token boundary the
+# model rarely saw (it answers with column-0 code). The others end on natural boundaries.
+PROMPTS = ["def fibonacci(n):\n", "import os\n\ndef ", "def fibonacci(n):", "import os\n\ndef",
+           "class Stack:", "    def __init__(self"]
 
 # Measured on the machine the shipped model was trained on (2-core AMD EPYC, one thread,
 # batch 8 x 256 tokens, forward + backward + AdamW, same shape as the shipped model).
@@ -236,17 +240,19 @@ def evaluate(model, stream: np.ndarray, args, max_windows: int | None = None, ba
     return total / count
 
 
-def train(model, train_stream, val_stream, args, work_dir: Path) -> dict:
+def train(model, train_stream, val_stream, args, work_dir: Path, started: float) -> dict:
     import torch
 
     optimizer = make_optimizer(model, args)
     checkpoint = work_dir / "checkpoint.pt"
-    start, history, train_seconds = 0, [], 0.0
+    start, history, train_seconds, wall_before = 0, [], 0.0, 0.0
     if args.resume and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, history, train_seconds = state["step"], state["history"], state["train_seconds"]
+        # Wall time the earlier run(s) spent up to this checkpoint, so provenance counts it.
+        wall_before = state.get("wall_seconds", 0.0)
         log(f"resumed at step {start}")
     model.train()
     coef = args.aux_loss_coef
@@ -282,9 +288,11 @@ def train(model, train_stream, val_stream, args, work_dir: Path) -> dict:
         if done % args.checkpoint_every == 0 or done == args.steps:
             tmp = checkpoint.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                        "history": history, "train_seconds": train_seconds}, tmp)
+                        "history": history, "train_seconds": train_seconds,
+                        "wall_seconds": wall_before + time.time() - started}, tmp)
             os.replace(tmp, checkpoint)
-    return {"history": history, "train_seconds": train_seconds}
+    return {"history": history, "train_seconds": train_seconds, "wall_before": wall_before,
+            "resumed_at_step": start if start else None}
 
 
 # --- export and checks ------------------------------------------------------------------
@@ -437,7 +445,7 @@ def main(argv=None) -> int:
     model = build_model(args, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters")
-    result = train(model, train_stream, val_stream, args, work_dir)
+    result = train(model, train_stream, val_stream, args, work_dir, started)
 
     log("evaluating on the full validation split")
     val_starts = window_starts(len(val_stream), args.seq_len)[: args.val_windows or None]
@@ -470,7 +478,7 @@ def main(argv=None) -> int:
     torch_subset = evaluate(model, val_stream, args, max_windows=max(1, n_eval // args.seq_len))
     mlx_subset = mlx_val_ce(mlx_model, val_stream, args, n_eval)
     log(f"first {n_eval} validation tokens: torch float32 {torch_subset:.4f}, mlx 4-bit {mlx_subset:.4f}")
-    completions = {p: generate(mlx_model, mlx_tokenizer, p, max_tokens=120) for p in PROMPTS}
+    completions = {p: generate(mlx_model, mlx_tokenizer, p, max_tokens=100) for p in PROMPTS}
     for prompt, text in completions.items():
         log(f"greedy completion of {prompt!r}:\n{prompt}{text}")
 
@@ -508,7 +516,8 @@ def main(argv=None) -> int:
                                             "schedule": "linear warmup, cosine to min_lr_ratio"},
         "training": {"steps": args.steps, "tokens_seen": args.steps * args.batch_size * args.seq_len,
                      "epochs": args.steps * args.batch_size * args.seq_len / len(train_stream),
-                     "train_seconds": round(result["train_seconds"], 1), "history": result["history"]},
+                     "train_seconds": round(result["train_seconds"], 1), "history": result["history"],
+                     "resumed_at_step": result["resumed_at_step"]},
         "evaluation": {
             "final_train_ce": final_train,
             "validation_ce": val_ce,
@@ -520,6 +529,9 @@ def main(argv=None) -> int:
             "torch_vs_mlx_float32_max_logit_diff": logit_diff,
         },
         "greedy_completions": completions,
+        "greedy_completions_note": "stock mlx_lm.generate, argmax, 100 tokens, on the 4-bit model. Prompts ending "
+                                   "in a bare newline or space end mid-token for this byte-level BPE, and the small "
+                                   "model falls into repetition loops after a line or two.",
         "conversion": {"tool": "mlx_lm.convert", "quantize": True, "q_group_size": 64, "q_bits": 4,
                        "dtype": "float32", "note": "routers (mlp.gate, shared_expert_gate) are 8-bit by qwen3_5's quant_predicate"},
         "size_on_disk_bytes": {"weights": sum(f.stat().st_size for f in weights)},
@@ -528,7 +540,7 @@ def main(argv=None) -> int:
         "machine": machine_info(args.threads),
         "libraries": library_versions(),
     }
-    provenance["wall_seconds"] = round(time.time() - started, 1)
+    provenance["wall_seconds"] = round(result["wall_before"] + time.time() - started, 1)
     path = out / "provenance.json"
     path.write_text(json.dumps(provenance, indent=2, ensure_ascii=False))
     provenance["size_on_disk_bytes"]["directory"] = dir_size(out)

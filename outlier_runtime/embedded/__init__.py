@@ -7,6 +7,8 @@ from pathlib import Path
 from ..errors import ModelNotFoundError
 
 DEMO_MOE_DIR = Path(__file__).resolve().parent / "demo-moe"
+#: ``model = "embedded:demo-moe"`` in a manifest or ``--model embedded:demo-moe`` names it.
+SCHEME = "embedded:"
 
 
 def demo_moe_path() -> Path:
@@ -20,3 +22,11 @@ def demo_moe_path() -> Path:
             f"`python tools/train_demo_moe.py --out {DEMO_MOE_DIR}`."
         )
     return DEMO_MOE_DIR
+
+
+def embedded_model(reference: str) -> Path:
+    """Resolve ``embedded:NAME`` to a model shipped in the package."""
+    name = reference[len(SCHEME):]
+    if name != DEMO_MOE_DIR.name:
+        raise ModelNotFoundError(f"No embedded model {name!r}; the package ships {SCHEME}{DEMO_MOE_DIR.name}.")
+    return demo_moe_path()
