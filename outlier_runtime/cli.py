@@ -294,6 +294,34 @@ def new_tier(name: str, base: str, directory: Path | None) -> None:
     click.echo(f"wrote {path}")
 
 
+@main.command()
+@click.argument("model", default="embedded:demo-moe")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("routing-report"), show_default=True)
+@click.option("--max-tokens", type=int, default=1024, show_default=True, help="Held-out tokens to route.")
+@click.option("--policies", default="lru,lfu", show_default=True, help="Cache-policy plugins to simulate.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def routing(model: str, out_dir: Path, max_tokens: int, policies: str, as_json: bool) -> None:
+    """Route held-out text through MODEL: expert histograms, overlap, cache hit-rate curves (JSON + PNG)."""
+    from .embedded import SCHEME, embedded_model
+    from .routing_report import routing_report
+
+    path = embedded_model(model) if model.startswith(SCHEME) else Path(model)
+    report = routing_report(path, out_dir, max_tokens=max_tokens,
+                            policies=[p.strip() for p in policies.split(",") if p.strip()])
+    summary = {"out_dir": str(out_dir), "tokens": report["tokens"], "fractions": report["fractions"],
+               **report["summary"]}
+    if as_json:
+        _emit_json(summary)
+        return
+    click.echo(f"{report['tokens']} held-out tokens, {report['moe_layers']} MoE layers x "
+               f"{report['num_experts']} experts, top-{report['top_k']}; wrote {out_dir}/routing.json")
+    click.echo(f"mean consecutive-token overlap {summary['mean_consecutive_overlap']:.3f} "
+               f"(random routing: {summary['random_routing_overlap']:.3f})")
+    click.echo("hit rate by fraction cached: " + ", ".join(f"{f:.0%}" for f in report["fractions"]))
+    for policy, rates in summary["hit_rate"].items():
+        click.echo(f"  {policy:<8} " + "  ".join(f"{r:6.1%}" for r in rates))
+
+
 @main.command("make-tiny")
 @click.argument("arch")
 @click.argument("out", type=click.Path(path_type=Path))

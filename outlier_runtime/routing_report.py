@@ -12,7 +12,6 @@ each cache policy in the plugin registry, with Belady's perfect-foresight optimu
 from __future__ import annotations
 
 import json
-import re
 import sysconfig
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .errors import OutlierError
+from .experts import find_switch_modules
 
 DEFAULT_FRACTIONS = (0.05, 0.10, 0.25, 0.50, 0.75)
 
@@ -30,17 +30,6 @@ class RoutingReportError(OutlierError):
 
 
 # --- recording the routed experts -------------------------------------------------------
-
-def find_expert_modules(model) -> list[tuple[str, object]]:
-    """Every SwitchGLU / SwitchMLP in ``model``, in layer order, found by type."""
-    from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
-
-    found = [(name, module) for name, module in model.named_modules()
-             if isinstance(module, (SwitchGLU, SwitchMLP))]
-    # Natural order: "layers.10" after "layers.9".
-    key = lambda item: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", item[0])]  # noqa: E731
-    return sorted(found, key=key)
-
 
 def num_experts(module) -> int:
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
@@ -105,13 +94,13 @@ def collect_routes(model, tokenizer, texts: Sequence[str], *, max_tokens: int, s
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
-    named = find_expert_modules(model)
-    if not named:
+    sites = find_switch_modules(model)
+    if not sites:
         raise RoutingReportError(
             f"{type(model).__name__} has no SwitchGLU or SwitchMLP modules: not an MoE model mlx-lm builds with switch layers."
         )
-    names = [name for name, _ in named]
-    modules = [module for _, module in named]
+    names = [site.path for site in sites]
+    modules = [site.module for site in sites]
     picks = np.unique(np.linspace(0, len(texts) - 1, num=min(segments, len(texts))).round().astype(int))
     per_segment = max(1, max_tokens // len(picks))
     runs = [tokenizer.encode(texts[i])[:per_segment] for i in picks]
@@ -300,10 +289,12 @@ def write_plots(report: dict, out_dir: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fractions = report["fractions"]
+    # The capacities actually simulated (small fractions are clamped up to top_k).
+    first = report["layers"][0]
+    cached = [100 * c / first["num_experts"] for c in first["capacities"]]
     fig, ax = plt.subplots(figsize=(6, 4))
     for policy, rates in report["summary"]["hit_rate"].items():
-        ax.plot([100 * f for f in fractions], [100 * r for r in rates], marker="o",
+        ax.plot(cached, [100 * r for r in rates], marker="o",
                 linestyle="--" if policy == "belady" else "-", label=policy)
     ax.set(xlabel="experts cached per layer (%)", ylabel="hit rate (%)",
            title=f"Expert cache hit rate ({report['tokens']} tokens, mean of {report['moe_layers']} layers)")

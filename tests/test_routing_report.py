@@ -11,9 +11,9 @@ import pytest
 
 from outlier_runtime.embedded import demo_moe_path
 from outlier_runtime.plugin_manager import get_registry
+from outlier_runtime.experts import find_switch_modules
 from outlier_runtime.routing_report import (
     RoutingReportError,
-    find_expert_modules,
     recording_routes,
     routing_report,
     simulate_belady,
@@ -78,7 +78,7 @@ def test_recording_leaves_the_model_as_it_was():
     from mlx_lm import load
 
     model, _ = load(str(demo_moe_path()))
-    modules = [m for _, m in find_expert_modules(model)]
+    modules = [site.module for site in find_switch_modules(model)]
     classes = [type(m) for m in modules]
     with recording_routes(modules) as records:
         assert all(type(m).__name__.startswith("Recording") for m in modules)
