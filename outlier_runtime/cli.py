@@ -336,14 +336,18 @@ def make_tiny(arch: str, out: Path, seed: int) -> None:
 
 
 def _command_line(ctx: click.Context) -> str:
-    """The command as typed, for provenance files (options with their values)."""
+    """The command as it could be typed again, for provenance files (options that differ from defaults)."""
     parts = ["outlier", ctx.info_name or ""]
-    for name, value in ctx.params.items():
-        flag = "--" + name.replace("_", "-")
-        if value in (None, False, ()):
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        if value in (None, False, ()) or value == param.default:
             continue
-        values = value if isinstance(value, tuple) else (value,)
-        parts += [flag] if value is True else [f"{flag}={v}" for v in values]
+        if isinstance(param, click.Argument):
+            parts.append(str(value))
+            continue
+        flag = param.opts[0]
+        for item in value if isinstance(value, tuple) else (value,):
+            parts += [flag] if item is True else [flag, str(item)]
     return " ".join(parts)
 
 
@@ -402,11 +406,14 @@ def pack(model_dir: Path, no_checksums: bool, as_json: bool) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"),
               show_default=True, help="Where <timestamp>.json and .md are written.")
 @click.option("--timeout", type=float, default=900, show_default=True, help="Seconds per configuration.")
+@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Rounds of the disk-sensitive configurations; each reports its fastest round.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results JSON instead of the table.")
 @click.pass_context
 def bench(ctx: click.Context, quick: bool, layers: int | None, tokens: int | None, prompt: str | None,
           k_override: int, cache_gb: float | None, configs: tuple[str, ...], workers: int | None,
-          chunk_kib: int | None, cache_dir: Path | None, out_dir: Path, timeout: float, as_json: bool) -> None:
+          chunk_kib: int | None, cache_dir: Path | None, out_dir: Path, timeout: float, repeat: int,
+          as_json: bool) -> None:
     """Benchmark the Plus engine: stock, mmap, pread, fanout, fanout+pack(+prefetch), disk and compute bounds."""
     from .bench import PROMPT, BenchOptions, choose_geometry, run_bench
 
@@ -416,6 +423,7 @@ def bench(ctx: click.Context, quick: bool, layers: int | None, tokens: int | Non
         geometry=choose_geometry(quick, layers), tokens=tokens or (8 if quick else 24), prompt=prompt or PROMPT,
         k_override=k_override, cache_gb=cache_gb, cache_dir=cache_dir, out_dir=out_dir,
         configs=configs or None, reader_options=reader_options, timeout_s=timeout, command=_command_line(ctx),
+        repeat=repeat,
     )
     json_path, md_path, report = run_bench(options, echo=lambda line: click.echo(line, err=True))
     if as_json:

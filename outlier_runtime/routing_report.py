@@ -1,6 +1,6 @@
 """How an MoE model routes held-out text, and how well an expert cache would serve it.
 
-    python -m outlier_runtime.routing_report MODEL_DIR OUT_DIR
+    outlier routing MODEL_DIR --out OUT_DIR
 
 Loads the model with stock ``mlx_lm.load``, records the expert ids every ``SwitchGLU`` /
 ``SwitchMLP`` receives (found by type, whatever the attribute is called) while the model reads
@@ -325,23 +325,3 @@ def write_plots(report: dict, out_dir: Path) -> list[str]:
     fig.savefig(out_dir / "overlap.png", dpi=100)
     plt.close(fig)
     return ["hit_rate.png", "expert_usage.png", "overlap.png"]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Report how an MoE model routes held-out text.")
-    parser.add_argument("model_path", type=Path)
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--max-tokens", type=int, default=1024)
-    parser.add_argument("--policies", default="lru,lfu", help="cache policy names from the plugin registry")
-    args = parser.parse_args(argv)
-    report = routing_report(args.model_path, args.out_dir, max_tokens=args.max_tokens,
-                            policies=[p for p in args.policies.split(",") if p])
-    summary = report["summary"]
-    print(json.dumps({"tokens": report["tokens"], "fractions": report["fractions"], **summary}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
