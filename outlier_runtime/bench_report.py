@@ -83,7 +83,8 @@ def bench_ratios(report: dict[str, Any]) -> dict[str, Any]:
         ratios["min_bound_tps"] = min(compute_tps, io_tps)
         ratios["no_overlap_tps"] = 1 / (1 / compute_tps + 1 / io_tps)  # reads and compute one after another
         ratios["overlap_best_config"] = best_name
-        ratios["overlap_vs_min_bound"] = _ratio(_tps(results, best_name), ratios["min_bound_tps"]) if best_name else None
+        ratios["overlap_vs_min_bound"] = (_ratio(_tps(results, best_name), ratios["min_bound_tps"])
+                                          if best_name else None)
     rss = {}
     cache_gb = report["config"]["cache_gb"]
     for name, result in results.items():
@@ -174,7 +175,8 @@ def bench_markdown(report: dict[str, Any], json_name: str) -> str:
         met = {True: "yes", False: "no", None: "n/a"}[target["met"]]
         lines.append(f"| {target['meaning']} | {_f(target['value'], '.3f')} | {target['target']} | {met} |")
     lines += ["", "Other ratios (same run):", ""]
-    for key in ("fanout_pack_vs_pread_decode_median", "resident_vs_stock_decode_median", "fanout_vs_pread_decode", "mmap_vs_pread_decode", "prefetch_vs_fanout_pack_decode",
+    for key in ("fanout_pack_vs_pread_decode_median", "resident_vs_stock_decode_median", "fanout_vs_pread_decode",
+                "mmap_vs_pread_decode", "prefetch_vs_fanout_pack_decode",
                 "fanout_pack_vs_pread_read_time", "io_fraction_paged-pread", "io_fraction_paged-fanout-pack",
                 "compute_bound_tps", "io_bound_tps", "no_overlap_tps", "disk_bound_gbps", "fanout_pack_read_gbps",
                 "peak_rss_above_baseline_vs_budget_max"):

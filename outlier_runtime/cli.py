@@ -387,8 +387,9 @@ def pack(model_dir: Path, no_checksums: bool, as_json: bool) -> None:
     if as_json:
         _emit_json(summary)
         return
-    click.echo(f"packed {summary['file_count']} files, {summary['bytes'] / 1e9:.2f} GB, in {seconds:.1f} s: "
-               f"{summary['pack']}")
+    size = summary["bytes"]
+    shown = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    click.echo(f"packed {summary['file_count']} files, {shown}, in {seconds:.1f} s: {summary['pack']}")
 
 
 @main.command()

@@ -12,6 +12,7 @@ each cache policy in the plugin registry, with Belady's perfect-foresight optimu
 from __future__ import annotations
 
 import json
+import time
 import sysconfig
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 
 from .errors import OutlierError
 from .experts import find_switch_modules
+from .system import provenance
 
 DEFAULT_FRACTIONS = (0.05, 0.10, 0.25, 0.50, 0.75)
 
@@ -221,6 +223,7 @@ def routing_report(
 
     from .plugin_manager import get_registry
 
+    started = time.perf_counter()
     model_path, out_dir = Path(model_path), Path(out_dir)
     registry = get_registry()
     factories: dict[str, Callable[[], object]] = {
@@ -256,6 +259,10 @@ def routing_report(
     n_experts, top_k = layers[0]["num_experts"], layers[0]["top_k"]
     summary_policies = list(policies) + ["belady"]
     report = {
+        "provenance": {**provenance("outlier routing " + str(model_path)),
+                       "seconds": round(time.perf_counter() - started, 2),
+                       "config": {"max_tokens": max_tokens, "policies": list(policies),
+                                  "fractions": list(fractions)}},
         "model_path": str(model_path),
         "tokens": layers[0]["tokens"],
         "segments": len(starts),

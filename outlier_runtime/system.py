@@ -5,6 +5,9 @@ from __future__ import annotations
 import platform
 import resource
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
 
 def peak_rss_bytes() -> int:
@@ -60,4 +63,45 @@ def machine_info() -> dict[str, object]:
         "ram_bytes": psutil.virtual_memory().total,
         "python": sys.version.split()[0],
         "versions": {name: version(name) for name in ("mlx", "mlx-lm", "numpy", "outlier-runtime", "safetensors")},
+    }
+
+
+def git_commit(start: Path | None = None) -> str | None:
+    """The checked-out commit of the source tree, read from .git (no git process needed)."""
+    here = (start or Path(__file__)).resolve()
+    for directory in [here, *here.parents]:
+        dot_git = directory / ".git"
+        if dot_git.is_file():  # a worktree: "gitdir: <path>"
+            text = dot_git.read_text().strip()
+            dot_git = Path(text.split(":", 1)[1].strip()) if text.startswith("gitdir:") else dot_git
+        if not dot_git.is_dir():
+            continue
+        try:
+            head = (dot_git / "HEAD").read_text().strip()
+            if not head.startswith("ref:"):
+                return head
+            ref = head.split(":", 1)[1].strip()
+            common = dot_git / "commondir"
+            roots = [dot_git] + ([(dot_git / common.read_text().strip()).resolve()] if common.exists() else [])
+            for root in roots:
+                if (root / ref).exists():
+                    return (root / ref).read_text().strip()
+                packed = root / "packed-refs"
+                if packed.exists():
+                    for line in packed.read_text().splitlines():
+                        if line.endswith(" " + ref):
+                            return line.split()[0]
+        except OSError:
+            return None
+    return None
+
+
+def provenance(command: str = "") -> dict[str, Any]:
+    """What a provenance file records about a run: when, how, which code, which machine."""
+    return {
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command or " ".join(sys.argv),
+        "git_commit": git_commit(),
+        "machine": machine_info(),
+        "os": {"system": platform.system(), "release": platform.release(), "version": platform.version()},
     }

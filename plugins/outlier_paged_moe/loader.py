@@ -6,7 +6,6 @@ import logging
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from outlier_runtime.checkpoint import read_checkpoint
