@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from outlier_runtime import bench_model
-from outlier_runtime.bench import CONFIGS, choose_geometry, git_commit
+from outlier_runtime.bench import CONFIGS, choose_geometry
+from outlier_runtime.system import git_commit
 from outlier_runtime.bench_model import FULL, Geometry
 from outlier_runtime.cli import main
 
