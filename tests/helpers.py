@@ -1,9 +1,20 @@
-"""Checks shared by the paged-engine tests (imported as ``helpers``: tests/ is on sys.path)."""
+"""Helpers shared by several test modules (imported as ``helpers``: tests/ is on sys.path)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
 import mlx.core as mx
 import numpy as np
+import pytest
 
 from outlier_paged_moe.store import EMPTY, ExpertStore
 from outlier_paged_moe.switch import PagedSwitch
@@ -31,3 +42,53 @@ def assert_slots_hold_true_experts(runtime) -> None:
                     expected = np.frombuffer(handle.read(length), dtype=np.uint8)
                 got = np.asarray(buffer[slot].view(mx.uint8)).reshape(-1)
                 assert np.array_equal(got, expected), (slots.layer.path, expert, tensor.param)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(tiny, home: Path, api_key: str, context_window: int) -> Iterator[tuple[subprocess.Popen, str, Path]]:
+    """A real `outlier serve` subprocess on a free loopback port: nano is a tiny dense llama with
+    ``context_window`` tokens, plus a tiny qwen3 MoE paged with 2 slots per layer and no RAM cache.
+    Yields (process, base_url, log path)."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "outlier_runtime.cli", "serve", "--port", str(port), "--api-key", api_key,
+        "--force", "--tier-override", f"nano={tiny('llama')}",
+        "--tier-override", f"nano.context_window={context_window}",
+        "--tier-override", f"plus={tiny('qwen3_moe')}", "--k-override", "2", "--cache-gb", "0",
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("OUTLIER_API_KEY", "OUTLIER_TIERS_PATH")}
+    env.update(OUTLIER_HOME=str(home), HF_HUB_OFFLINE="1")
+    log_path = home / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        _wait_until_ready(process, base_url, log_path, api_key)
+        yield process, base_url, log_path
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _wait_until_ready(process: subprocess.Popen, base_url: str, log_path: Path, api_key: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"outlier serve exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            headers = {"Authorization": f"Bearer {api_key}"}
+            if httpx.get(f"{base_url}/models", headers=headers, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"outlier serve did not answer within 60 s:\n{log_path.read_text()}")

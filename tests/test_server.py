@@ -7,12 +7,7 @@ nano is a tiny dense llama with a 128-token context window, plus a tiny qwen3 Mo
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -21,55 +16,17 @@ from click.testing import CliRunner
 
 from outlier_runtime import cli
 
+from helpers import running_server
+
 API_KEY = "test-key"
 CONTEXT_WINDOW = 128
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory) -> str:
     home = tmp_path_factory.mktemp("serve-home")
-    port = _free_port()
-    command = [
-        sys.executable, "-m", "outlier_runtime.cli", "serve", "--port", str(port), "--api-key", API_KEY,
-        "--force", "--tier-override", f"nano={tiny('llama')}",
-        "--tier-override", f"nano.context_window={CONTEXT_WINDOW}",
-        "--tier-override", f"plus={tiny('qwen3_moe')}", "--k-override", "2", "--cache-gb", "0",
-    ]
-    env = {k: v for k, v in os.environ.items() if k not in ("OUTLIER_API_KEY", "OUTLIER_TIERS_PATH")}
-    env.update(OUTLIER_HOME=str(home), HF_HUB_OFFLINE="1")
-    log_path = home / "server.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        _wait_until_ready(process, base_url, log_path)
+    with running_server(tiny, home, API_KEY, CONTEXT_WINDOW) as (process, base_url, log_path):
         yield base_url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-def _wait_until_ready(process: subprocess.Popen, base_url: str, log_path: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"outlier serve exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{base_url}/models", headers=_auth(), timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"outlier serve did not answer within 60 s:\n{log_path.read_text()}")
 
 
 def _auth(key: str = API_KEY) -> dict[str, str]:

@@ -13,19 +13,16 @@ as one JSON line.
 from __future__ import annotations
 
 import json
-import os
 import random
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import psutil
 import pytest
+
+from helpers import running_server
 
 API_KEY = "soak-key"
 CONTEXT_WINDOW = 128
@@ -41,51 +38,11 @@ MESSAGES = [{"role": "system", "content": "Answer in Python."}, {"role": "user",
 PROMPTS = ["def f(", "import os\n\ndef walk(path):\n", "class Queue:\n", "x = [i for i in"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory):
     home = tmp_path_factory.mktemp("serve-load-home")
-    port = _free_port()
-    command = [
-        sys.executable, "-m", "outlier_runtime.cli", "serve", "--port", str(port), "--api-key", API_KEY,
-        "--force", "--tier-override", f"nano={tiny('llama')}",
-        "--tier-override", f"nano.context_window={CONTEXT_WINDOW}",
-        "--tier-override", f"plus={tiny('qwen3_moe')}", "--k-override", "2", "--cache-gb", "0",
-    ]
-    env = {k: v for k, v in os.environ.items() if k not in ("OUTLIER_API_KEY", "OUTLIER_TIERS_PATH")}
-    env.update(OUTLIER_HOME=str(home), HF_HUB_OFFLINE="1")
-    log_path = home / "server.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        _wait_until_ready(process, base_url, log_path)
+    with running_server(tiny, home, API_KEY, CONTEXT_WINDOW) as (process, base_url, log_path):
         yield process, base_url, log_path
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-def _wait_until_ready(process: subprocess.Popen, base_url: str, log_path: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"outlier serve exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{base_url}/models", headers=_auth(), timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"outlier serve did not answer within 60 s:\n{log_path.read_text()}")
 
 
 def _auth(key: str = API_KEY) -> dict[str, str]:
