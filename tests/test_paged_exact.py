@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 import mlx_lm
 import pytest
 
@@ -131,5 +132,26 @@ def test_each_reader_is_exact(tiny, reader):
     try:
         assert mx.array_equal(runtime.model(ids), model(ids)).item()
         assert runtime.engine_stats()["config"]["reader"] == reader
+    finally:
+        runtime.close()
+
+
+def test_prefill_reads_each_distinct_expert_once_per_layer(tiny):
+    from outlier_runtime.routing_report import recording_routes
+
+    path = tiny("qwen3_moe", num_experts=16, top_k=4)
+    model, tokenizer = _stock(path)
+    ids = mx.array(tokenizer.encode(PROMPT * 3))[None]
+    modules = [site.module for site in find_switch_modules(model)]
+    with recording_routes(modules) as records:
+        mx.eval(model(ids))
+    distinct = [len({int(e) for e in np.asarray(r[0]).reshape(-1)}) for r in records]
+    # Two slots for up to 16 distinct experts: the prefill runs in passes, each expert read once.
+    runtime = outlier_runtime.load("plus", model=str(path), k_override=2, cache_gb=0, force=True)
+    try:
+        mx.eval(runtime.model(ids))
+        layers = runtime.engine_stats()["layers"]
+        assert [row["misses"] for row in layers] == distinct
+        assert all(row["passes"] > 1 for row in layers)
     finally:
         runtime.close()
