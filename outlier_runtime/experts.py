@@ -56,8 +56,12 @@ def _natural_key(path: str) -> list[Any]:
     return [(0, int(part)) if part.isdigit() else (1, part) for part in path.split(".")]
 
 
-def _child(obj: Any, part: str) -> Any:
-    return obj[int(part)] if isinstance(obj, (list, tuple)) else obj[part]
+def module_at(root: Any, path: str) -> Any:
+    """The module (or list) at dotted ``path`` below ``root``; digits index lists."""
+    node = root
+    for part in filter(None, path.split(".")):
+        node = node[int(part)] if isinstance(node, (list, tuple)) else node[part]
+    return node
 
 
 def find_switch_modules(model: nn.Module) -> list[SwitchSite]:
@@ -66,10 +70,8 @@ def find_switch_modules(model: nn.Module) -> list[SwitchSite]:
     for path, module in model.named_modules():
         if not isinstance(module, SWITCH_TYPES) or not path:
             continue
-        *parent_parts, last = path.split(".")
-        parent = model
-        for part in parent_parts:
-            parent = _child(parent, part)
+        parent_path, _, last = path.rpartition(".")
+        parent = module_at(model, parent_path)
         key: str | int = int(last) if isinstance(parent, (list, tuple)) else last
         sites.append(SwitchSite(path, module, parent, key))
     return sorted(sites, key=lambda site: _natural_key(site.path))

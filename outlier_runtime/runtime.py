@@ -122,20 +122,14 @@ class Runtime:
             for response in stream_generate(loaded.model, loaded.tokenizer, mx.array(tokens),
                                             max_tokens=budget, sampler=sampler):
                 last = response
-                piece = response.text
                 out_tokens.append(response.token)
-                if stop:
-                    piece, held, hit = _split_at_stop(held + piece, stop)
-                    text += piece
-                    if piece:
-                        yield Chunk(piece, response.token)
-                    if hit:
-                        finish = "stop"
-                        break
-                else:
-                    text += piece
-                    if piece:
-                        yield Chunk(piece, response.token)
+                piece, held, hit = _split_at_stop(held + response.text, stop)
+                text += piece
+                if piece:
+                    yield Chunk(piece, response.token)
+                if hit:
+                    finish = "stop"
+                    break
                 finish = response.finish_reason
             if held and not hit:
                 text += held

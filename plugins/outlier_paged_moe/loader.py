@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -15,6 +14,7 @@ from outlier_runtime.experts import (
     SwitchSite,
     build_expert_index,
     find_switch_modules,
+    module_at,
     set_experts_per_token,
 )
 from outlier_runtime.manifest import PagingSection
@@ -49,11 +49,8 @@ def plan_memory(index: ExpertIndex, paging: PagingSection) -> tuple[int, int]:
 def _install_slot_buffers(site: SwitchSite, slots: LayerSlots) -> None:
     """Point the switch module's stacked expert parameters at the slot buffers."""
     for tensor, buffer in zip(slots.layer.tensors, slots.buffers):
-        *owner_path, attr = tensor.param.split(".")
-        owner: Any = site.module
-        for part in owner_path:
-            owner = owner[int(part)] if isinstance(owner, list) else owner[part]
-        setattr(owner, attr, buffer)
+        owner_path, _, attr = tensor.param.rpartition(".")
+        setattr(module_at(site.module, owner_path), attr, buffer)
 
 
 def _prefetch_next(store: ExpertStore, prefetcher: Prefetcher, number: int, next_site: SwitchSite):
@@ -97,7 +94,7 @@ class PagedMoELoader:
         reader_name = "mmap" if paging.mmap_experts else paging.reader
         reader = registry.create("reader", reader_name, **paging.reader_options)
         num_slots, ram_budget = plan_memory(index, paging)
-        expert_names = {f"{site.path}.{name}" for site in sites for name, _ in tree_flatten(site.module.parameters())}
+        expert_names = index.expert_tensor_names
         non_expert_bytes = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if k not in expert_names)
         info = {
             "k_override": paging.k_override,

@@ -169,11 +169,13 @@ class ExpertStore:
             slots = self.layers[layer_number]
             stats = self.stats[layer_number]
             wanted = [int(e) for e in experts]
-            missing = [e for e in wanted if e not in slots.slot_of]
-            stats.slot_hits += len(wanted) - len(missing)
+            missing = []
             for expert in wanted:
                 if expert in slots.slot_of:
                     slots.policy.accessed(slots.key(expert))
+                else:
+                    missing.append(expert)
+            stats.slot_hits += len(wanted) - len(missing)
             if missing:
                 targets = self._free_slots(slots, set(wanted), len(missing), stats)
                 records = self._fetch(slots.layer, missing, stats)
@@ -184,9 +186,11 @@ class ExpertStore:
 
     def _free_slots(self, slots: LayerSlots, pinned: set[int], count: int, stats: LayerStats) -> list[int]:
         free = [s for s, e in enumerate(slots.expert_in_slot) if e == EMPTY][:count]
+        candidates = {slots.key(e) for e in slots.slot_of if e not in pinned} if len(free) < count else set()
         while len(free) < count:
-            candidates = {slots.key(e) for e in slots.slot_of if e not in pinned}
-            _, victim = slots.policy.choose_victim(candidates)
+            victim_key = slots.policy.choose_victim(candidates)
+            candidates.discard(victim_key)
+            _, victim = victim_key
             slot = slots.slot_of[victim]
             slots.evict(slot)
             stats.evictions += 1
