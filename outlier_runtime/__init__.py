@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import (
+from outlier_runtime.core.errors import (
     AdmissionError,
     CheckpointError,
     ExpertReadError,
@@ -23,26 +23,26 @@ from .errors import (
     RuntimeClosedError,
     TierNotFoundError,
 )
-from .hookspecs import hookimpl
-from .manifest import TierManifest
-from .protocols import CachePolicy, LoadedModel, Loader, LoadRequest, Prefetcher, Reader, ReadRequest
-from .results import Chunk, GenerationResult
-from .runtime import Runtime, load
+from outlier_runtime.core.hookspecs import hookimpl
+from outlier_runtime.core.manifest import TierManifest
+from outlier_runtime.core.protocols import CachePolicy, LoadedModel, Loader, LoadRequest, Prefetcher, Reader, ReadRequest
+from outlier_runtime.core.results import Chunk, GenerationResult
+from outlier_runtime.core.runtime import Runtime, load
 
 __version__ = "0.1.0"
 
 
 def tiers() -> list[dict[str, Any]]:
     """Every known tier, with whether this machine can run it (RAM >= min_ram_gb x 1.15)."""
-    from .plugin_manager import get_registry
-    from .catalog import list_tiers
+    from outlier_runtime.core.plugin_manager import get_registry
+    from outlier_runtime.core.catalog import list_tiers
 
     return [status.to_dict() for status in list_tiers(get_registry())]
 
 
 def plugins() -> list[dict[str, Any]]:
     """Every loaded plugin, the distribution it came from, and what it registers."""
-    from .plugin_manager import plugin_infos
+    from outlier_runtime.core.plugin_manager import plugin_infos
 
     return [info.to_dict() for info in plugin_infos()]
 

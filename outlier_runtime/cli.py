@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from .errors import OutlierError
+from outlier_runtime.core.errors import OutlierError
 
 
 def _emit_json(data: Any) -> None:
@@ -62,8 +62,8 @@ def tiers(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(tier: str, as_json: bool) -> None:
     """Show a tier's merged manifest and where it came from."""
-    from .plugin_manager import get_registry
-    from .catalog import admission, discover, resolve_tier
+    from outlier_runtime.core.plugin_manager import get_registry
+    from outlier_runtime.core.catalog import admission, discover, resolve_tier
 
     manifest = resolve_tier(tier, get_registry())
     ok, reason = admission(manifest)
@@ -118,7 +118,7 @@ def _overrides(settings: tuple[str, ...] = (), **kwargs: Any) -> dict[str, Any]:
 
 def _toml_value(text: str) -> Any:
     """Parse a value as TOML (numbers, booleans, arrays, inline tables); else keep the string."""
-    from .manifest import tomllib
+    from outlier_runtime.core.manifest import tomllib
 
     try:
         return tomllib.loads(f"value = {text}")["value"]
@@ -243,7 +243,7 @@ def serve(host: str, port: int, api_key: str | None, preload: str | None, tier_o
           cache_policy: str | None, mmap_experts: bool | None, experts_per_token: int | None,
           prefetcher: str | None, settings: tuple[str, ...], force: bool) -> None:
     """Serve the tiers over an OpenAI-compatible HTTP API (models `outlier-<tier>`)."""
-    from .server import ServerConfig, parse_tier_overrides, serve as run_server
+    from outlier_runtime.serve.server import ServerConfig, parse_tier_overrides, serve as run_server
 
     overrides = parse_tier_overrides(tier_overrides)
     if model is not None:
@@ -277,7 +277,7 @@ def plugins(as_json: bool) -> None:
 @main.command()
 def schema() -> None:
     """Print the JSON Schema of a tier manifest (for editor validation of TOML)."""
-    from .manifest import TierManifest
+    from outlier_runtime.core.manifest import TierManifest
 
     _emit_json(TierManifest.model_json_schema())
 
@@ -288,7 +288,7 @@ def schema() -> None:
 @click.option("--dir", "directory", type=click.Path(path_type=Path), help="Where to write (default: user tier dir).")
 def new_tier(name: str, base: str, directory: Path | None) -> None:
     """Write a user manifest for tier NAME, starting from an existing tier."""
-    from .new_tier import write_new_tier
+    from outlier_runtime.core.new_tier import write_new_tier
 
     path = write_new_tier(name, base, directory)
     click.echo(f"wrote {path}")
@@ -302,8 +302,8 @@ def new_tier(name: str, base: str, directory: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def routing(model: str, out_dir: Path, max_tokens: int, policies: str, as_json: bool) -> None:
     """Route held-out text through MODEL: expert histograms, overlap, cache hit-rate curves (JSON + PNG)."""
-    from .embedded import SCHEME, embedded_model
-    from .routing_report import routing_report
+    from outlier_runtime.embedded import SCHEME, embedded_model
+    from outlier_runtime.bench.routing import routing_report
 
     path = embedded_model(model) if model.startswith(SCHEME) else Path(model)
     report = routing_report(path, out_dir, max_tokens=max_tokens,
@@ -328,7 +328,7 @@ def routing(model: str, out_dir: Path, max_tokens: int, policies: str, as_json: 
 @click.option("--seed", type=int, default=0, show_default=True)
 def make_tiny(arch: str, out: Path, seed: int) -> None:
     """Build a tiny random model of ARCH (an mlx-lm model_type) in mlx-lm's format at OUT."""
-    from .tiny_models import build_tiny_model
+    from outlier_runtime.testing.tiny_models import build_tiny_model
 
     path = build_tiny_model(out, arch, seed=seed)
     click.echo(f"wrote {path}")
@@ -361,7 +361,7 @@ def pack(model_dir: Path, no_checksums: bool, as_json: bool) -> None:
 
     from tqdm import tqdm
 
-    from .pack import pack_model
+    from outlier_runtime.engine.pack import pack_model
 
     bar = tqdm(desc="pack", unit="expert", file=sys.stderr, disable=None)
 
@@ -416,7 +416,7 @@ def bench(ctx: click.Context, quick: bool, layers: int | None, tokens: int | Non
           chunk_kib: int | None, cache_dir: Path | None, out_dir: Path, timeout: float, repeat: int,
           as_json: bool) -> None:
     """Benchmark the Plus engine: stock, mmap, pread, fanout, fanout+pack(+prefetch), disk and compute bounds."""
-    from .bench import PROMPT, BenchOptions, choose_geometry, run_bench
+    from outlier_runtime.bench.runner import PROMPT, BenchOptions, choose_geometry, run_bench
 
     reader_options = {k: v for k, v in {"workers": workers,
                                         "chunk_bytes": chunk_kib * 1024 if chunk_kib else None}.items() if v}
@@ -452,7 +452,7 @@ def sweep_k(ctx: click.Context, ks: tuple[int, ...], quick: bool, layers: int | 
             prompts: tuple[str, ...], reader: str, cache_gb: float | None, cache_dir: Path | None,
             out_dir: Path, timeout: float) -> None:
     """The product's K sweep: tok/s, peak RSS and agreement with stock greedy tokens, one process per K."""
-    from .bench import PROMPT, choose_geometry, run_sweep_k
+    from outlier_runtime.bench.runner import PROMPT, choose_geometry, run_sweep_k
 
     md = run_sweep_k(choose_geometry(quick, layers), ks or (4, 20, 32, 48), out_dir, tokens=tokens,
                      prompts=prompts or (PROMPT,), reader=reader, cache_gb=cache_gb, cache_dir=cache_dir,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from outlier_runtime import plugin_manager
+from outlier_runtime.core import plugin_manager
 
 
 @pytest.fixture(scope="session")
@@ -17,7 +17,7 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny(tiny_cache: Path):
     """``tiny(arch, **kwargs)`` -> path of a tiny model, built once per session."""
-    from outlier_runtime.tiny_models import tiny_model
+    from outlier_runtime.testing.tiny_models import tiny_model
 
     def build(arch: str, **kwargs) -> Path:
         return tiny_model(arch, cache_dir=tiny_cache, **kwargs)

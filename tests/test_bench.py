@@ -10,10 +10,10 @@ from collections import namedtuple
 import pytest
 from click.testing import CliRunner
 
-from outlier_runtime import bench_model
-from outlier_runtime.bench import CONFIGS, choose_geometry
-from outlier_runtime.system import git_commit
-from outlier_runtime.bench_model import FULL, Geometry
+from outlier_runtime.bench import model as bench_model
+from outlier_runtime.bench.runner import CONFIGS, choose_geometry
+from outlier_runtime.core.system import git_commit
+from outlier_runtime.bench.model import FULL, Geometry
 from outlier_runtime.cli import main
 
 

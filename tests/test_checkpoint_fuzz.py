@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from outlier_runtime.checkpoint import DTYPE_SIZES, INDEX_FILE, read_checkpoint, read_shard_header
-from outlier_runtime.errors import CheckpointError
+from outlier_runtime.engine.checkpoint import DTYPE_SIZES, INDEX_FILE, read_checkpoint, read_shard_header
+from outlier_runtime.core.errors import CheckpointError
 
 CORPUS = Path(__file__).parent / "corpus" / "safetensors"
 

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 import outlier_runtime
 from outlier_runtime.cli import main
-from outlier_runtime.plugin_manager import get_registry
-from outlier_runtime.catalog import resolve_tier
+from outlier_runtime.core.plugin_manager import get_registry
+from outlier_runtime.core.catalog import resolve_tier
 
 TIERS = {"nano", "lite", "quick", "compact", "code", "vision", "plus"}
 
@@ -139,7 +139,7 @@ def test_an_unknown_tier_exits_2_with_one_line_of_error():
 
 
 def test_a_tier_too_big_without_force_exits_2_and_suggests_force(monkeypatch, tiny):
-    monkeypatch.setattr("outlier_runtime.catalog.total_ram_gb", lambda: 2.0)
+    monkeypatch.setattr("outlier_runtime.core.catalog.total_ram_gb", lambda: 2.0)
     result = outlier("run", "nano", "hi", "--model", str(tiny("llama")))
     assert result.exit_code == 2
     assert "--force" in result.stderr and len(result.stderr.splitlines()) == 1

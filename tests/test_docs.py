@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import outlier_runtime
-from outlier_runtime.manifest import TierManifest
+from outlier_runtime.core.manifest import TierManifest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

@@ -13,7 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 import outlier_runtime
-from outlier_runtime import CachePolicy, cli, plugin_manager
+from outlier_runtime import CachePolicy, cli
+from outlier_runtime.core import plugin_manager
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "pinned-lru-policy"
 DISTRIBUTION = "outlier-pinned-lru"

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 import outlier_runtime
-from outlier_runtime.buffers import aligned_empty
-from outlier_runtime.errors import ExpertReadError, ManifestError
-from outlier_runtime.pack import pack_model
-from outlier_runtime.plugin_manager import get_registry
-from outlier_runtime.protocols import ReadRequest
+from outlier_runtime.engine.buffers import aligned_empty
+from outlier_runtime.core.errors import ExpertReadError, ManifestError
+from outlier_runtime.engine.pack import pack_model
+from outlier_runtime.core.plugin_manager import get_registry
+from outlier_runtime.core.protocols import ReadRequest
 
 PROMPT = "import os\n\ndef walk(path):\n    for name in os.listdir(path):\n"
 FILE_BYTES = 1 << 20

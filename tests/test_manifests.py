@@ -9,10 +9,10 @@ import pytest
 
 import outlier_runtime
 from outlier_runtime import AdmissionError, ManifestError
-from outlier_runtime.plugin_manager import get_registry
-from outlier_runtime.catalog import resolve_tier
+from outlier_runtime.core.plugin_manager import get_registry
+from outlier_runtime.core.catalog import resolve_tier
 
-from outlier_runtime import catalog as tiers_module
+from outlier_runtime.core import catalog as tiers_module
 
 BUILTIN = {
     # name: (display_name, kind, min_ram_gb, disk_gb, repo, loader)

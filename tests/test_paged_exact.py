@@ -8,7 +8,7 @@ import mlx_lm
 import pytest
 
 import outlier_runtime
-from outlier_runtime.experts import find_switch_modules, set_experts_per_token
+from outlier_runtime.engine.experts import find_switch_modules, set_experts_per_token
 
 PROMPT = "import os\n\ndef walk(path):\n    for name in os.listdir(path):\n"
 SHORT_PROMPT = "def f("
@@ -137,7 +137,7 @@ def test_each_reader_is_exact(tiny, reader):
 
 
 def test_prefill_reads_each_distinct_expert_once_per_layer(tiny):
-    from outlier_runtime.routing_report import recording_routes
+    from outlier_runtime.bench.routing import recording_routes
 
     path = tiny("qwen3_moe", num_experts=16, top_k=4)
     model, tokenizer = _stock(path)

@@ -11,8 +11,8 @@ import pytest
 
 import outlier_runtime
 from outlier_runtime import CheckpointError, ExpertReadError, hookimpl
-from outlier_runtime.plugin_manager import register_plugin
-from outlier_runtime.protocols import ReadRequest
+from outlier_runtime.core.plugin_manager import register_plugin
+from outlier_runtime.core.protocols import ReadRequest
 
 from helpers import assert_slots_hold_true_experts
 
@@ -134,7 +134,7 @@ def test_transient_read_errors_are_retried_and_never_cached(model_copy):
 
 
 def test_a_flipped_byte_in_a_pack_is_detected(model_copy):
-    from outlier_runtime.pack import pack_model
+    from outlier_runtime.engine.pack import pack_model
 
     pack_model(model_copy)
     layer_file = model_copy / "experts-pack" / "layer-000.bin"
@@ -154,7 +154,7 @@ def test_a_flipped_byte_in_a_pack_is_detected(model_copy):
 
 
 def test_a_pack_that_no_longer_matches_its_shards_is_refused(model_copy):
-    from outlier_runtime.pack import pack_model
+    from outlier_runtime.engine.pack import pack_model
 
     pack_model(model_copy)
     index = model_copy / "experts-pack" / "index.json"

@@ -15,7 +15,7 @@ FIXED_OVERHEAD_BYTES = 120_000_000
 PROBE = r"""
 import json, sys
 import mlx_lm, outlier_runtime
-from outlier_runtime.system import current_rss_bytes, peak_rss_bytes
+from outlier_runtime.core.system import current_rss_bytes, peak_rss_bytes
 path, cache_gb = sys.argv[1], float(sys.argv[2])
 mlx_lm.load  # imports done; what follows is the cost of the model and the engine
 baseline = current_rss_bytes()

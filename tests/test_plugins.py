@@ -13,9 +13,9 @@ from pluggy import PluginValidationError
 
 import outlier_runtime
 from outlier_runtime import CachePolicy, Loader, LoadedModel, PluginError, Prefetcher, Reader, hookimpl
-from outlier_runtime import hookspecs, plugin_manager
-from outlier_runtime.plugin_manager import get_plugin_manager, get_registry, register_plugin, unregister_plugin
-from outlier_runtime.catalog import resolve_tier
+from outlier_runtime.core import hookspecs, plugin_manager
+from outlier_runtime.core.plugin_manager import get_plugin_manager, get_registry, register_plugin, unregister_plugin
+from outlier_runtime.core.catalog import resolve_tier
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "import os\n\ndef walk(path):\n"

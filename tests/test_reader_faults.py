@@ -1,7 +1,7 @@
 """OS-level faults under the preadv readers: short reads, EIO, shards removed or replaced mid-run.
 
 ``os.preadv`` is replaced only where the reader under test looks it up (the ``os`` of
-``outlier_runtime.fileio`` for buffered reads, and also of ``outlier_fanout.reader`` for the
+``outlier_runtime.engine.fileio`` for buffered reads, and also of ``outlier_fanout.reader`` for the
 fanout reader's O_DIRECT reads), so a fault reaches that reader and nothing else. Run with ``-s`` for a summary of the faults injected.
 """
 
@@ -24,9 +24,9 @@ import pytest
 import outlier_runtime
 from outlier_paged_moe.store import READ_ATTEMPTS
 from outlier_runtime import ExpertReadError
-from outlier_runtime.buffers import aligned_empty
-from outlier_runtime.plugin_manager import get_registry
-from outlier_runtime.protocols import ReadRequest
+from outlier_runtime.engine.buffers import aligned_empty
+from outlier_runtime.core.plugin_manager import get_registry
+from outlier_runtime.core.protocols import ReadRequest
 
 from helpers import assert_slots_hold_true_experts, paged_store
 
@@ -37,8 +37,8 @@ SHORT_READ_BYTES = 1000
 DIRECT_BLOCK = 4096
 #: Every reader that reads with ``os.preadv``: the module it looks ``os`` up in, and its options.
 READERS = {
-    "pread": (("outlier_runtime.fileio",), {}),
-    "fanout": (("outlier_runtime.fileio", "outlier_fanout.reader"), {"workers": 4, "chunk_bytes": 4096}),
+    "pread": (("outlier_runtime.engine.fileio",), {}),
+    "fanout": (("outlier_runtime.engine.fileio", "outlier_fanout.reader"), {"workers": 4, "chunk_bytes": 4096}),
 }
 
 #: Faults injected by every test of this module, by reader and kind (printed at the end).

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from outlier_runtime.embedded import demo_moe_path
-from outlier_runtime.plugin_manager import get_registry
-from outlier_runtime.experts import find_switch_modules
-from outlier_runtime.routing_report import (
+from outlier_runtime.core.plugin_manager import get_registry
+from outlier_runtime.engine.experts import find_switch_modules
+from outlier_runtime.bench.routing import (
     RoutingReportError,
     recording_routes,
     routing_report,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import outlier_runtime
-from outlier_runtime.system import current_rss_bytes
+from outlier_runtime.core.system import current_rss_bytes
 
 TOTAL_TOKENS = 2000
 PER_REQUEST = 100

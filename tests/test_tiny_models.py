@@ -12,8 +12,8 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-import outlier_runtime.tiny_models as tiny_models
-from outlier_runtime.tiny_models import (
+import outlier_runtime.testing.tiny_models as tiny_models
+from outlier_runtime.testing.tiny_models import (
     ARCHITECTURES,
     MOE_ARCHITECTURES,
     TinyModelError,

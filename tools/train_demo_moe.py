@@ -31,7 +31,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from outlier_runtime.tokenizer_training import (  # noqa: E402
+from outlier_runtime.testing.tokenizer_training import (  # noqa: E402
     corpus_hash,
     read_texts,
     save_tokenizer,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ModelNotFoundError
+from outlier_runtime.core.errors import ModelNotFoundError
 
 DEMO_MOE_DIR = Path(__file__).resolve().parent / "demo-moe"
 #: ``model = "embedded:demo-moe"`` in a manifest or ``--model embedded:demo-moe`` names it.

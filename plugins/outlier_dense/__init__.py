@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from outlier_runtime import hookimpl
-from outlier_runtime.checkpoint import read_checkpoint
-from outlier_runtime.protocols import LoadedModel, LoadRequest
+from outlier_runtime.engine.checkpoint import read_checkpoint
+from outlier_runtime.core.protocols import LoadedModel, LoadRequest
 
 
 class DenseLoader:

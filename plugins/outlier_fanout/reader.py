@@ -27,9 +27,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from outlier_runtime.errors import ExpertReadError, ManifestError
-from outlier_runtime.fileio import FileTable, pread_into
-from outlier_runtime.protocols import ReadRequest
+from outlier_runtime.core.errors import ExpertReadError, ManifestError
+from outlier_runtime.engine.fileio import FileTable, pread_into
+from outlier_runtime.core.protocols import ReadRequest
 
 #: O_DIRECT needs offsets, lengths and buffer addresses aligned to the logical block size;
 #: 4096 covers every common disk and filesystem.

@@ -7,9 +7,9 @@ import logging
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from outlier_runtime.checkpoint import read_checkpoint
-from outlier_runtime.errors import CheckpointError
-from outlier_runtime.experts import (
+from outlier_runtime.engine.checkpoint import read_checkpoint
+from outlier_runtime.core.errors import CheckpointError
+from outlier_runtime.engine.experts import (
     ExpertIndex,
     SwitchSite,
     build_expert_index,
@@ -17,10 +17,10 @@ from outlier_runtime.experts import (
     module_at,
     set_experts_per_token,
 )
-from outlier_runtime.manifest import PagingSection
-from outlier_runtime.pack import attach_pack
-from outlier_runtime.plugin_manager import get_registry
-from outlier_runtime.protocols import LoadedModel, LoadRequest, Prefetcher
+from outlier_runtime.core.manifest import PagingSection
+from outlier_runtime.engine.pack import attach_pack
+from outlier_runtime.core.plugin_manager import get_registry
+from outlier_runtime.core.protocols import LoadedModel, LoadRequest, Prefetcher
 
 from .store import ExpertStore, LayerSlots
 from .switch import PagedSwitch

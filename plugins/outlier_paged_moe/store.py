@@ -21,10 +21,10 @@ from typing import Any, Callable, Hashable, Iterable
 import mlx.core as mx
 import numpy as np
 
-from outlier_runtime.buffers import aligned_empty
-from outlier_runtime.errors import ExpertReadError
-from outlier_runtime.experts import ExpertIndex, ExpertLayer
-from outlier_runtime.protocols import CachePolicy, Reader, ReadRequest
+from outlier_runtime.engine.buffers import aligned_empty
+from outlier_runtime.core.errors import ExpertReadError
+from outlier_runtime.engine.experts import ExpertIndex, ExpertLayer
+from outlier_runtime.core.protocols import CachePolicy, Reader, ReadRequest
 
 from .stats import LayerStats, snapshot
 

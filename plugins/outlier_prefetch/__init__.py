@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 
 from outlier_runtime import hookimpl
-from outlier_runtime.experts import TOP_K_ATTRIBUTES
+from outlier_runtime.engine.experts import TOP_K_ATTRIBUTES
 
 ROUTER_ATTRIBUTES = ("gate", "router")
 

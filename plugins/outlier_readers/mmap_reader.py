@@ -7,8 +7,8 @@ import os
 import threading
 from typing import Sequence
 
-from outlier_runtime.errors import ExpertReadError
-from outlier_runtime.protocols import ReadRequest
+from outlier_runtime.core.errors import ExpertReadError
+from outlier_runtime.core.protocols import ReadRequest
 
 
 class MmapReader:

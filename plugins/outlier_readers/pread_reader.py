@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from outlier_runtime.errors import ExpertReadError
-from outlier_runtime.fileio import FileTable, pread_into
-from outlier_runtime.protocols import ReadRequest
+from outlier_runtime.core.errors import ExpertReadError
+from outlier_runtime.engine.fileio import FileTable, pread_into
+from outlier_runtime.core.protocols import ReadRequest
 
 
 

@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import AdmissionError, OutlierError, TierNotFoundError
-from .openai_api import MODEL_PREFIX, ApiError
-from .runtime import Prompt, Runtime
+from outlier_runtime.core.errors import AdmissionError, OutlierError, TierNotFoundError
+from outlier_runtime.serve.openai_api import MODEL_PREFIX, ApiError
+from outlier_runtime.core.runtime import Prompt, Runtime
 
 log = logging.getLogger(__name__)
 

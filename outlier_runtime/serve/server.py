@@ -24,9 +24,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from .errors import OutlierError
-from .model_host import GenerationJob, ModelHost
-from .openai_api import (
+from outlier_runtime.core.errors import OutlierError
+from outlier_runtime.serve.model_host import GenerationJob, ModelHost
+from outlier_runtime.serve.openai_api import (
     MODEL_PREFIX,
     ApiError,
     ChatCompletionRequest,
@@ -34,8 +34,8 @@ from .openai_api import (
     Reply,
     validation_error,
 )
-from .results import GenerationResult
-from .runtime import Prompt
+from outlier_runtime.core.results import GenerationResult
+from outlier_runtime.core.runtime import Prompt
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -68,8 +68,8 @@ class ServerConfig:
 
     def load_overrides(self, tier: str) -> dict[str, Any]:
         """The overrides ``load(tier, ...)`` gets: paging knobs (paged tiers only), then the tier's own."""
-        from .plugin_manager import get_registry
-        from .catalog import resolve_tier
+        from outlier_runtime.core.plugin_manager import get_registry
+        from outlier_runtime.core.catalog import resolve_tier
 
         per_tier = self.tier_overrides.get(tier, {})
         paged = resolve_tier(tier, get_registry(), per_tier).paging is not None
@@ -82,7 +82,7 @@ def parse_tier_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     ``TIER=PATH`` serves TIER from a model directory (or repo id); ``TIER.KEY=VALUE`` sets any
     load override (``k_override``, ``context_window``, ``paging.reader``, ...), VALUE read as TOML.
     """
-    from .catalog import overrides_to_data
+    from outlier_runtime.core.catalog import overrides_to_data
 
     overrides: dict[str, dict[str, Any]] = {}
     for item in items:
@@ -275,8 +275,8 @@ def serve(config: ServerConfig) -> None:
     """Check the configuration, then serve until interrupted."""
     import uvicorn
 
-    from .plugin_manager import get_registry
-    from .catalog import resolve_tier
+    from outlier_runtime.core.plugin_manager import get_registry
+    from outlier_runtime.core.catalog import resolve_tier
 
     check_bind(config.host, config.api_key)
     get_registry()  # load the plugins now: a broken one fails here, not on the first request

@@ -10,14 +10,14 @@ from typing import Any, Generator, Sequence, Union
 
 import mlx.core as mx
 
-from .errors import RuntimeClosedError
-from .manifest import TierManifest
-from .plugin_manager import get_registry
-from .protocols import LoadedModel, LoadRequest
-from .resolve import resolve_model
-from .results import Chunk, GenerationResult
-from .system import peak_rss_bytes
-from .catalog import check_admission, resolve_tier
+from outlier_runtime.core.errors import RuntimeClosedError
+from outlier_runtime.core.manifest import TierManifest
+from outlier_runtime.core.plugin_manager import get_registry
+from outlier_runtime.core.protocols import LoadedModel, LoadRequest
+from outlier_runtime.core.resolve import resolve_model
+from outlier_runtime.core.results import Chunk, GenerationResult
+from outlier_runtime.core.system import peak_rss_bytes
+from outlier_runtime.core.catalog import check_admission, resolve_tier
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .bench_model import GB, BenchError
-from .system import current_rss_bytes, peak_rss_bytes
+from outlier_runtime.bench.model import GB, BenchError
+from outlier_runtime.core.system import current_rss_bytes, peak_rss_bytes
 
 
 # ---------------------------------------------------------------------------- the page cache
@@ -54,7 +54,7 @@ def cached_bytes(files: Sequence[Path]) -> int | None:
 
 #: Imported once by the fork server, so that each configuration's fresh process starts in
 #: well under a second instead of importing mlx-lm (and transformers) again.
-PRELOAD = ("mlx.core", "mlx_lm", "mlx_lm.generate", "outlier_runtime", "outlier_runtime.plugin_manager")
+PRELOAD = ("mlx.core", "mlx_lm", "mlx_lm.generate", "outlier_runtime", "outlier_runtime.core.plugin_manager")
 
 
 class ForkServer:
@@ -69,7 +69,7 @@ class ForkServer:
 
     def _start(self) -> subprocess.Popen[str]:
         if self._proc is None or self._proc.poll() is not None:
-            self._proc = subprocess.Popen([sys.executable, "-m", "outlier_runtime.bench_worker", "serve"],
+            self._proc = subprocess.Popen([sys.executable, "-m", "outlier_runtime.bench.worker", "serve"],
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         return self._proc
 
@@ -262,9 +262,9 @@ def _replay_settings(options: dict[str, Any]) -> list[tuple[str, str, str, dict[
 
 def _replay(spec: dict[str, Any]) -> dict[str, Any]:
     """The raw disk bound: the traced decode reads, replayed with no compute, by several readers."""
-    from .buffers import aligned_empty
-    from .plugin_manager import get_registry
-    from .protocols import ReadRequest
+    from outlier_runtime.engine.buffers import aligned_empty
+    from outlier_runtime.core.plugin_manager import get_registry
+    from outlier_runtime.core.protocols import ReadRequest
 
     traces = {name: _decode_batches(path) for name, path in spec["traces"].items()}
     files = [Path(f) for f in spec["files"]]
@@ -379,4 +379,4 @@ def _worker_entry(spec_path: str) -> None:
 if __name__ == "__main__":
     if sys.argv[1:] == ["serve"]:
         sys.exit(_serve())
-    sys.exit("usage: python -m outlier_runtime.bench_worker serve (internal; run `outlier bench`)")
+    sys.exit("usage: python -m outlier_runtime.bench.worker serve (internal; run `outlier bench`)")

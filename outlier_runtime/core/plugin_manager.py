@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import pluggy
 
-from . import hookspecs
-from .errors import PluginError
+from outlier_runtime.core import hookspecs
+from outlier_runtime.core.errors import PluginError
 
 ENTRY_POINT_GROUP = "outlier_runtime"
 LOAD_PLUGINS_ENV = "OUTLIER_LOAD_PLUGINS"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import tomli_w
 
-from .errors import ManifestError, TierNotFoundError
-from .catalog import deep_merge, discover, outlier_home
+from outlier_runtime.core.errors import ManifestError, TierNotFoundError
+from outlier_runtime.core.catalog import deep_merge, discover, outlier_home
 
 HEADER = """\
 # A user tier manifest written by `outlier new-tier`. Edit any knob; unknown keys are errors.

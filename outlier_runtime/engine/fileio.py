@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 
-from .errors import ExpertReadError
+from outlier_runtime.core.errors import ExpertReadError
 
 
 class FileTable:

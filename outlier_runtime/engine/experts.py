@@ -16,8 +16,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
-from .checkpoint import TensorEntry
-from .errors import CheckpointError
+from outlier_runtime.engine.checkpoint import TensorEntry
+from outlier_runtime.core.errors import CheckpointError
 
 SWITCH_TYPES: tuple[type, ...] = (SwitchGLU, SwitchMLP)
 

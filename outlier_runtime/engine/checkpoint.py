@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from outlier_runtime.core.errors import CheckpointError
 
 #: The safetensors format caps the header at 100 MB; a larger length is corrupt or hostile.
 MAX_HEADER_BYTES = 100_000_000

@@ -27,9 +27,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .checkpoint import INDEX_FILE, TensorEntry, read_checkpoint
-from .errors import OutlierError
-from .pack import PACK_DIR, pack_model
+from outlier_runtime.engine.checkpoint import INDEX_FILE, TensorEntry, read_checkpoint
+from outlier_runtime.core.errors import OutlierError
+from outlier_runtime.engine.pack import PACK_DIR, pack_model
 
 #: Bump when the builder changes what it writes, so cached benchmark models are rebuilt.
 BENCH_MODEL_VERSION = 1
@@ -122,7 +122,7 @@ def benchmark_model(geometry: Geometry, cache_dir: Path, progress: Progress | No
         return target
     check_disk(cache_dir, geometry.disk_bytes())
     with _building(target) as tmp:
-        from .tiny_models import build_tiny_model
+        from outlier_runtime.testing.tiny_models import build_tiny_model
 
         if progress:
             progress("build", 0, 3)
@@ -228,7 +228,7 @@ def _router(entries: dict[str, TensorEntry], stem: str, num_experts: int, seed: 
 
 
 def _mx_dtype(name: str) -> Any:
-    from .experts import SAFETENSORS_TO_MX
+    from outlier_runtime.engine.experts import SAFETENSORS_TO_MX
 
     return SAFETENSORS_TO_MX[name]
 
@@ -290,7 +290,7 @@ def widen_experts(base_dir: Path, out_dir: Path, num_experts: int, *, seed: int 
 
 def _write_safetensors(path: Path, tensors: list[tuple[str, str, list[int], Any]]) -> int:
     """Stream tensors (name, dtype, shape, iterable of byte arrays) into a safetensors file."""
-    from .checkpoint import DTYPE_SIZES
+    from outlier_runtime.engine.checkpoint import DTYPE_SIZES
 
     header: dict[str, Any] = {"__metadata__": {"format": "mlx"}}
     offset = 0

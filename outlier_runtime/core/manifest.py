@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import ManifestError
+from outlier_runtime.core.errors import ManifestError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -17,10 +17,10 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable
 
-from .buffers import DEFAULT_ALIGNMENT, DIRECT_IO_ALIGNMENT, aligned_empty, round_up
-from .checkpoint import shard_files
-from .errors import CheckpointError
-from .experts import ExpertIndex, ExpertLayer, PackedLayer
+from outlier_runtime.engine.buffers import DEFAULT_ALIGNMENT, DIRECT_IO_ALIGNMENT, aligned_empty, round_up
+from outlier_runtime.engine.checkpoint import shard_files
+from outlier_runtime.core.errors import CheckpointError
+from outlier_runtime.engine.experts import ExpertIndex, ExpertLayer, PackedLayer
 
 PACK_DIR = "experts-pack"
 PACK_INDEX = "index.json"
@@ -195,8 +195,8 @@ def pack_model(model_dir: str | os.PathLike[str], *, alignment: int = DEFAULT_AL
     """Build the expert index of an mlx-lm MoE checkpoint and write its pack (``outlier pack``)."""
     import mlx_lm
 
-    from .checkpoint import read_checkpoint
-    from .experts import build_expert_index, find_switch_modules
+    from outlier_runtime.engine.checkpoint import read_checkpoint
+    from outlier_runtime.engine.experts import build_expert_index, find_switch_modules
 
     model, _ = mlx_lm.load(str(model_dir), lazy=True)  # lazy: reads no weights
     sites = find_switch_modules(model)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .embedded import SCHEME, embedded_model
-from .errors import ModelNotFoundError
-from .manifest import ModelSection
+from outlier_runtime.embedded import SCHEME, embedded_model
+from outlier_runtime.core.errors import ModelNotFoundError
+from outlier_runtime.core.manifest import ModelSection
 
 log = logging.getLogger(__name__)
 

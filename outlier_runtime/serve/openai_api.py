@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .results import GenerationResult
+from outlier_runtime.core.results import GenerationResult
 
 #: Served tiers are named ``outlier-<tier>`` in ``/v1/models`` and the ``model`` field.
 MODEL_PREFIX = "outlier-"

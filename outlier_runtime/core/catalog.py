@@ -20,9 +20,9 @@ from typing import Any, Iterable
 
 import psutil
 
-from .errors import AdmissionError, ManifestError, TierNotFoundError
-from .manifest import TierManifest, read_toml, validate_manifest
-from .plugin_manager import Registry
+from outlier_runtime.core.errors import AdmissionError, ManifestError, TierNotFoundError
+from outlier_runtime.core.manifest import TierManifest, read_toml, validate_manifest
+from outlier_runtime.core.plugin_manager import Registry
 
 TIERS_PATH_ENV = "OUTLIER_TIERS_PATH"
 HOME_ENV = "OUTLIER_HOME"

@@ -20,9 +20,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import OutlierError
-from .experts import find_switch_modules
-from .system import provenance
+from outlier_runtime.core.errors import OutlierError
+from outlier_runtime.engine.experts import find_switch_modules
+from outlier_runtime.core.system import provenance
 
 DEFAULT_FRACTIONS = (0.05, 0.10, 0.25, 0.50, 0.75)
 
@@ -221,7 +221,7 @@ def routing_report(
     """Route held-out text through the model at ``model_path``; write routing.json (and PNGs) to ``out_dir``."""
     from mlx_lm import load
 
-    from .plugin_manager import get_registry
+    from outlier_runtime.core.plugin_manager import get_registry
 
     started = time.perf_counter()
     model_path, out_dir = Path(model_path), Path(out_dir)

@@ -35,8 +35,8 @@ import mlx_lm.utils
 from mlx.utils import tree_flatten, tree_unflatten
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 
-from .errors import OutlierError
-from .tokenizer_training import eos_token_id, read_texts, save_tokenizer, train_tokenizer
+from outlier_runtime.core.errors import OutlierError
+from outlier_runtime.testing.tokenizer_training import eos_token_id, read_texts, save_tokenizer, train_tokenizer
 
 CACHE_ENV = "OUTLIER_TINY_CACHE"
 HOME_ENV = "OUTLIER_HOME"

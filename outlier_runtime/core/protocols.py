@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Collection, Hashable, Protocol, Sequence, runtime_checkable
 
 if TYPE_CHECKING:
-    from .manifest import TierManifest
+    from outlier_runtime.core.manifest import TierManifest
 
 #: A cached expert is identified by (MoE layer number, expert id).
 ExpertKey = tuple[int, int]

@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .bench_model import FULL, GB, QUICK, BenchError, Geometry, benchmark_model, model_files
-from .bench_worker import ForkServer, evict
-from .system import provenance
+from outlier_runtime.bench.model import FULL, GB, QUICK, BenchError, Geometry, benchmark_model, model_files
+from outlier_runtime.bench.worker import ForkServer, evict
+from outlier_runtime.core.system import provenance
 
 PROMPT = "def fibonacci(n):"
 WARMUP_PROMPT = "import os"
@@ -133,7 +133,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def _prefetcher_available() -> bool:
-    from .plugin_manager import get_registry
+    from outlier_runtime.core.plugin_manager import get_registry
 
     return PREFETCHER in get_registry().names("prefetcher")
 
@@ -180,7 +180,7 @@ def _summary_line(name: str, result: dict[str, Any]) -> str:
 
 def run_bench(options: BenchOptions, echo: Echo = lambda s: None) -> tuple[Path, Path, dict[str, Any]]:
     """Run every configuration and write ``<out>/<timestamp>.json`` and ``.md``; returns both paths."""
-    from .bench_report import bench_markdown, bench_ratios
+    from outlier_runtime.bench.report import bench_markdown, bench_ratios
 
     started = time.perf_counter()
     cache_dir = options.cache_dir or default_cache_dir()
@@ -331,7 +331,7 @@ def run_sweep_k(geometry: Geometry, ks: Sequence[int], out_dir: Path, *, tokens:
                 cache_dir: Path | None = None, timeout_s: float = 900.0, command: str = "",
                 echo: Echo = lambda s: None) -> Path:
     """The product's K sweep: one process per K; tok/s, peak RSS, agreement with stock greedy tokens."""
-    from .bench_report import sweep_markdown
+    from outlier_runtime.bench.report import sweep_markdown
 
     model_dir = benchmark_model(geometry, (cache_dir or default_cache_dir()), _build_progress(echo))
     files = model_files(model_dir)
