@@ -25,6 +25,7 @@ from outlier_runtime.core.errors import (
 )
 from outlier_runtime.core.hookspecs import hookimpl
 from outlier_runtime.core.manifest import TierManifest
+from outlier_runtime.core.options import NoOptions, PluginOptions, plugin_ref
 from outlier_runtime.core.protocols import CachePolicy, LoadedModel, Loader, LoadRequest, Prefetcher, Reader, ReadRequest
 from outlier_runtime.core.results import Chunk, GenerationResult
 from outlier_runtime.core.runtime import Runtime, load
@@ -59,8 +60,10 @@ __all__ = [
     "Loader",
     "ManifestError",
     "ModelNotFoundError",
+    "NoOptions",
     "OutlierError",
     "PluginError",
+    "PluginOptions",
     "Prefetcher",
     "ReadRequest",
     "Reader",
@@ -70,6 +73,7 @@ __all__ = [
     "TierNotFoundError",
     "hookimpl",
     "load",
+    "plugin_ref",
     "plugins",
     "tiers",
 ]

@@ -68,7 +68,7 @@ def info(tier: str, as_json: bool) -> None:
     manifest = resolve_tier(tier, get_registry())
     ok, reason = admission(manifest)
     data = {
-        "manifest": manifest.model_dump(),
+        "manifest": manifest.to_data(),
         "files": [str(f) for f in discover()[tier].files],
         "runnable": ok,
         "reason": reason,
@@ -79,12 +79,12 @@ def info(tier: str, as_json: bool) -> None:
     click.echo(f"{manifest.tier.display_name} ({manifest.name}): {manifest.tier.description}")
     click.echo(f"  from: {', '.join(data['files'])}")
     click.echo(f"  runnable here: {'yes' if ok else 'no'} ({reason})")
-    for section, values in manifest.model_dump().items():
-        if values is None:
-            continue
+    if manifest.tier.reference_tok_s is not None:
+        click.echo(f"  product's published decode speed: {manifest.tier.reference_tok_s:g} tok/s (M1 Ultra 64 GB)")
+    for section, values in data["manifest"].items():
         click.echo(f"  [{section}]")
         for key, value in values.items():
-            click.echo(f"    {key} = {value!r}")
+            click.echo(f"    {key} = {_toml_literal(value)}")
 
 
 def _paging_options(func: Any) -> Any:
@@ -259,27 +259,52 @@ def serve(host: str, port: int, api_key: str | None, preload: str | None, tier_o
 
 
 @main.command()
+@click.option("--options", "with_options", is_flag=True, help="List every option each plugin accepts.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plugins(as_json: bool) -> None:
+def plugins(with_options: bool, as_json: bool) -> None:
     """List installed plugins, their distributions and what they register."""
     import outlier_runtime
 
     rows = outlier_runtime.plugins()
     if as_json:
-        _emit_json(rows)
+        _emit_json(rows if with_options else [{k: v for k, v in row.items() if k != "options"} for row in rows])
         return
     for row in rows:
         origin = f"{row['distribution']} {row['version'] or ''}".strip() if row["distribution"] else "(in-process)"
         provides = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in sorted(row["provides"].items()))
         click.echo(f"{row['name']:<16} {origin:<28} {provides or '-'}")
+        if with_options:
+            _print_options(row["options"])
+
+
+def _print_options(options: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
+    for kind, by_name in sorted(options.items()):
+        for name, fields in sorted(by_name.items()):
+            click.echo(f"    {kind.replace('_', ' ')} {name}: " + ("no options" if not fields else ""))
+            for field in fields:
+                default = "required" if field["required"] else f"default {_toml_literal(field['default'])}"
+                click.echo(f"      {field['name']} ({field['type']}, {default}): {field['description']}")
+
+
+def _toml_literal(value: Any) -> str:
+    """A value as it is written in a manifest (true, "lru", { workers = 8 }), not as Python prints it."""
+    import tomli_w
+
+    if value is None:
+        return "unset"
+    if isinstance(value, dict):
+        inner = ", ".join(f"{key} = {_toml_literal(item)}" for key, item in value.items())
+        return f"{{ {inner} }}" if inner else "{}"
+    return tomli_w.dumps({"v": value}).partition("=")[2].strip()
 
 
 @main.command()
 def schema() -> None:
-    """Print the JSON Schema of a tier manifest (for editor validation of TOML)."""
-    from outlier_runtime.core.manifest import TierManifest
+    """Print the JSON Schema of a tier manifest, plugin options included (for editors validating TOML)."""
+    from outlier_runtime.core.catalog import manifest_json_schema
+    from outlier_runtime.core.plugin_manager import get_registry
 
-    _emit_json(TierManifest.model_json_schema())
+    _emit_json(manifest_json_schema(get_registry()))
 
 
 @main.command("new-tier")
@@ -299,14 +324,16 @@ def new_tier(name: str, base: str, directory: Path | None) -> None:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("routing-report"), show_default=True)
 @click.option("--max-tokens", type=int, default=1024, show_default=True, help="Held-out tokens to route.")
 @click.option("--policies", default="lru,lfu", show_default=True, help="Cache-policy plugins to simulate.")
+@click.option("--plots/--no-plots", default=True, show_default=True,
+              help="Draw PNG plots (needs the `plots` extra: matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def routing(model: str, out_dir: Path, max_tokens: int, policies: str, as_json: bool) -> None:
+def routing(model: str, out_dir: Path, max_tokens: int, policies: str, plots: bool, as_json: bool) -> None:
     """Route held-out text through MODEL: expert histograms, overlap, cache hit-rate curves (JSON + PNG)."""
     from outlier_runtime.embedded import SCHEME, embedded_model
     from outlier_runtime.bench.routing import routing_report
 
     path = embedded_model(model) if model.startswith(SCHEME) else Path(model)
-    report = routing_report(path, out_dir, max_tokens=max_tokens,
+    report = routing_report(path, out_dir, max_tokens=max_tokens, plots=plots,
                             policies=[p.strip() for p in policies.split(",") if p.strip()])
     summary = {"out_dir": str(out_dir), "tokens": report["tokens"], "fractions": report["fractions"],
                **report["summary"]}

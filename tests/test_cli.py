@@ -70,8 +70,14 @@ def test_schema_prints_the_manifest_json_schema():
     assert result.exit_code == 0
     schema = json.loads(result.stdout)
     assert {"tier", "model", "loader", "generation", "paging"} <= set(schema["properties"])
-    assert "PagingSection" in schema["$defs"]
-    assert "cache_gb" in schema["$defs"]["PagingSection"]["properties"]
+    # [paging] is the paged_moe loader's options table, described by that plugin's own model.
+    paging = schema["$defs"][schema["properties"]["paging"]["$ref"].rsplit("/", 1)[-1]]
+    assert paging["properties"]["cache_gb"]["minimum"] == 0
+    assert paging["additionalProperties"] is False
+    # Every registered plugin's options are in the schema, by kind and name.
+    plugins = schema["x-plugin-options"]
+    assert plugins["reader"]["fanout"]["properties"]["workers"]["minimum"] == 1
+    assert plugins["prefetcher"]["next-layer-router"]["properties"]["extra"]["default"] == 0
 
 
 def test_new_tier_writes_a_user_manifest_that_validates_and_is_listed(isolated_home):
@@ -83,7 +89,7 @@ def test_new_tier_writes_a_user_manifest_that_validates_and_is_listed(isolated_h
 
     manifest = resolve_tier("mine", get_registry())
     assert manifest.tier.display_name == "Mine"
-    assert manifest.paging.k_override == 20
+    assert manifest.loader_options.k_override == 20
     listed = {row["name"]: row for row in json.loads(outlier("tiers", "--json").stdout)}
     assert listed["mine"]["error"] is None and listed["mine"]["files"] == [str(path)]
 

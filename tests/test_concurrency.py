@@ -98,5 +98,5 @@ def test_concurrent_generations_equal_single_threaded_ones(runtime):
     assert store.ram.used <= store.ram.budget
     # After all that, a request alone still gets its single-threaded result.
     assert _run(runtime, 0, streamed=False) == alone[0]
-    if runtime.manifest.paging.prefetcher:
+    if runtime.manifest.loader_options.prefetcher:
         assert runtime.last_result.engine["total"]["prefetched"] > 0  # background reads did run

@@ -16,7 +16,9 @@ import outlier_runtime
 from outlier_runtime.engine.buffers import aligned_empty
 from outlier_runtime.core.errors import ExpertReadError, ManifestError
 from outlier_runtime.engine.pack import pack_model
+from outlier_runtime.core.catalog import resolve_tier
 from outlier_runtime.core.plugin_manager import get_registry
+from outlier_fanout.reader import FanoutReader
 from outlier_runtime.core.protocols import ReadRequest
 
 PROMPT = "import os\n\ndef walk(path):\n    for name in os.listdir(path):\n"
@@ -31,7 +33,7 @@ def data_file(tmp_path):
 
 
 def _reader(name, **options):
-    return get_registry().create("reader", name, **options)
+    return get_registry().create("reader", name, options)
 
 
 def _read_all(reader, ranges, path, aligned):
@@ -126,8 +128,12 @@ def test_direct_can_be_switched_off(data_file):
                                             ({"direct": "yes"}, "direct"),
                                             ({"buffered_chunk_bytes": -1}, "buffered_chunk_bytes")])
 def test_bad_options_name_the_option(options, field):
+    # In a manifest: the file, the key path and the plugin, before anything loads.
+    with pytest.raises(ManifestError, match=rf"plus.toml.*key `paging\.reader_options\.{field}`: reader 'fanout'"):
+        resolve_tier("plus", get_registry(), {"reader": "fanout", "reader_options": options})
+    # Built directly, the reader checks the same constraints.
     with pytest.raises(ManifestError, match=f"reader_options.{field}"):
-        _reader("fanout", **options)
+        FanoutReader(**options)
 
 
 @pytest.fixture(scope="module")

@@ -67,7 +67,7 @@ def test_builtin_tier_validates_with_its_figures(name):
     assert manifest.tier.disk_gb == disk_gb
     assert manifest.model.repo == repo and manifest.model.path is None
     assert manifest.loader.name == loader
-    assert (manifest.paging is not None) == (name == "plus")
+    assert ("paging" in manifest.plugin_tables) == (name == "plus")
 
 
 def test_exactly_the_seven_builtin_tiers_are_listed():
@@ -76,7 +76,7 @@ def test_exactly_the_seven_builtin_tiers_are_listed():
 
 
 def test_plus_pages_experts_with_the_products_knobs():
-    paging = resolve("plus").paging
+    paging = resolve("plus").loader_options
     assert paging.k_override == 20
     assert paging.cache_gb == 8.0
     assert paging.mmap_experts is False
@@ -189,12 +189,12 @@ def test_a_user_tier_without_an_id_takes_its_file_name(isolated_home):
 
 def test_python_overrides_set_knobs_by_short_name():
     manifest = resolve("plus", {"cache_gb": 4, "model": "/some/dir", "k_override": 3, "seed": 7})
-    assert manifest.paging.cache_gb == 4.0
-    assert manifest.paging.k_override == 3
+    assert manifest.loader_options.cache_gb == 4.0
+    assert manifest.loader_options.k_override == 3
     assert manifest.generation.seed == 7
     assert manifest.model.path == "/some/dir"
     assert manifest.model.repo is None  # a local path replaces the built-in repo
-    assert manifest.paging.reader == "pread"  # untouched knobs keep their values
+    assert manifest.loader_options.reader == "pread"  # untouched knobs keep their values
 
 
 def test_a_model_override_shaped_like_org_name_is_a_repo_id():
@@ -205,7 +205,7 @@ def test_a_model_override_shaped_like_org_name_is_a_repo_id():
 
 def test_python_overrides_reach_any_key_with_dotted_names():
     manifest = resolve("plus", {"paging.k_override": 5, "generation.max_tokens": 9, "tier.min_ram_gb": 1})
-    assert manifest.paging.k_override == 5
+    assert manifest.loader_options.k_override == 5
     assert manifest.generation.max_tokens == 9
     assert manifest.tier.min_ram_gb == 1
 
@@ -218,7 +218,7 @@ def test_python_overrides_are_validated_like_files():
 
 
 def test_an_unknown_override_name_is_an_error_listing_the_known_ones():
-    with pytest.raises(ManifestError, match=r"Unknown override 'cache_size'.*cache_gb.*paging\.cache_gb"):
+    with pytest.raises(ManifestError, match=r"Unknown override 'cache_size'.*loader 'paged_moe': k_override, cache_gb.*dotted manifest key"):
         resolve("plus", {"cache_size": 4})
 
 
@@ -227,8 +227,8 @@ def test_outlier_mmap_experts_switches_mmap(monkeypatch, isolated_home, value, e
     # The environment wins over a user file too.
     write(isolated_home / "tiers", "plus.toml", f"[paging]\nmmap_experts = {str(not expected).lower()}\n")
     monkeypatch.setenv("OUTLIER_MMAP_EXPERTS", value)
-    assert resolve("plus").paging.mmap_experts is expected
-    assert resolve("nano").paging is None  # dense tiers have no paging to switch
+    assert resolve("plus").loader_options.mmap_experts is expected
+    assert resolve("nano").plugin_tables == {}  # dense tiers have no paging to switch
 
 
 # ------------------------------------------------------------------ admission

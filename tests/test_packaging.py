@@ -1,4 +1,4 @@
-"""A wheel (not only an editable install) carries the manifests, every built-in plugin and its entry point."""
+"""A wheel (not only an editable install) carries the manifests, every package and every built-in plugin."""
 
 from __future__ import annotations
 
@@ -29,13 +29,19 @@ def test_wheel_ships_the_builtin_manifests(wheel):
         assert f"outlier_runtime/builtin_tiers/{manifest.name}" in names
 
 
-def test_wheel_ships_every_builtin_plugin_with_its_entry_point(wheel):
+def test_wheel_ships_every_builtin_plugin_and_every_core_package(wheel):
+    from outlier_runtime.core.plugin_manager import DEFAULT_PLUGINS
+
     names = set(wheel.namelist())
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = wheel.read(entry_points).decode()
-    for package in sorted(p.name for p in (ROOT / "plugins").iterdir() if (p / "__init__.py").exists()):
+    plugins = sorted(p.name for p in (ROOT / "plugins").iterdir() if (p / "__init__.py").exists())
+    # Every plugin folder is a registered built-in, and ships as a module of its own.
+    assert sorted(DEFAULT_PLUGINS.values()) == plugins
+    for package in plugins:
         assert f"{package}/__init__.py" in names
-        assert f"= {package}" in text
+    for init in (ROOT / "outlier_runtime").rglob("__init__.py"):
+        assert init.relative_to(ROOT).as_posix() in names
     assert "outlier = outlier_runtime.cli:main" in text
     assert "outlier_runtime/py.typed" in names
 

@@ -12,7 +12,7 @@ import pytest
 from pluggy import PluginValidationError
 
 import outlier_runtime
-from outlier_runtime import CachePolicy, Loader, LoadedModel, PluginError, Prefetcher, Reader, hookimpl
+from outlier_runtime import CachePolicy, Loader, LoadedModel, PluginError, PluginOptions, Prefetcher, Reader, hookimpl
 from outlier_runtime.core import hookspecs, plugin_manager
 from outlier_runtime.core.plugin_manager import get_plugin_manager, get_registry, register_plugin, unregister_plugin
 from outlier_runtime.core.catalog import resolve_tier
@@ -137,7 +137,8 @@ def test_register_loaders_adds_a_loader_a_tier_can_name(add_plugin, tiny):
         assert greedy(dense, 4).tokens == result.tokens
     rows = {row["name"]: row for row in outlier_runtime.plugins()}
     assert rows["recording-loader"] == {"name": "recording-loader", "distribution": None, "version": None,
-                                        "provides": {"loader": ["recording"]}}
+                                        "provides": {"loader": ["recording"]},
+                                        "options": {"loader": {"recording": []}}}
 
 
 class FifoPolicy:
@@ -172,7 +173,7 @@ def test_register_cache_policies_adds_a_policy_usable_by_name(add_plugin):
         policy.accessed(key)
     assert policy.choose_victim({(0, 2), (0, 1)}) == (0, 1)  # LRU would pick (0, 2)
     # A manifest may name it now.
-    assert resolve_tier("plus", get_registry(), {"cache_policy": "fifo"}).paging.cache_policy == "fifo"
+    assert resolve_tier("plus", get_registry(), {"cache_policy": "fifo"}).loader_options.cache_policy == "fifo"
 
 
 class CountingReader:
@@ -199,10 +200,14 @@ class CountingReader:
         self.closed = True
 
 
+class CountingOptions(PluginOptions):
+    label: str = ""
+
+
 class CountingReaderPlugin:
     @hookimpl
     def register_readers(self, register):
-        register("counting", CountingReader, "pread, counted.")
+        register("counting", CountingReader, "pread, counted.", options=CountingOptions)
 
 
 def test_register_readers_adds_a_reader_the_paged_engine_uses(add_plugin, tiny):
@@ -309,7 +314,8 @@ def third_party(tmp_path, monkeypatch):
 def test_a_third_party_plugin_is_discovered_with_its_distribution(third_party):
     rows = {row["name"]: row for row in outlier_runtime.plugins()}
     assert rows["fifo"] == {"name": "fifo", "distribution": "outlier-fifo-policy", "version": "1.2.3",
-                            "provides": {"cache_policy": ["counting-fifo"]}}
+                            "provides": {"cache_policy": ["counting-fifo"]},
+                            "options": {"cache_policy": {"counting-fifo": []}}}
     registration = get_registry().get("cache_policy", "counting-fifo")
     assert (registration.plugin, registration.distribution) == ("fifo", "outlier-fifo-policy")
     assert rows["cache_lru"]["distribution"] == "outlier-runtime"

@@ -180,7 +180,7 @@ def test_short_reads_still_fill_the_buffers_with_the_true_bytes(reader_name, fau
     faults.max_bytes = SHORT_READ_BYTES
     # Pieces of several blocks, so that O_DIRECT reads can come back short too.
     options = {**READERS[reader_name][1], "chunk_bytes": 65536} if reader_name == "fanout" else {}
-    reader = get_registry().create("reader", reader_name, **options)
+    reader = get_registry().create("reader", reader_name, options)
     try:
         reader.read([ReadRequest(str(path), offset, length, memoryview(buffer))
                      for (offset, length), buffer in zip(ranges, buffers)])

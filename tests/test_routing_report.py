@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import itertools
 import json
 from functools import lru_cache
@@ -128,3 +130,16 @@ def test_capacity_below_top_k_is_refused():
     routes = np.array([[0, 1, 2, 3]])
     with pytest.raises(RoutingReportError, match="below top_k"):
         simulate_belady(routes, 3, 4)
+
+
+def test_plots_without_matplotlib_is_one_line_naming_the_extra(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from outlier_runtime.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what a missing package looks like to import
+    result = CliRunner().invoke(main, ["routing", "embedded:demo-moe", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert result.output.strip() == ("error: the routing report draws its plots with matplotlib, which is not "
+                                     "installed: pip install 'outlier-runtime[plots]', or pass --no-plots")
+    assert not (tmp_path / "r").exists()  # refused before any work

@@ -12,7 +12,9 @@ import heapq
 from collections import Counter, OrderedDict
 from typing import ClassVar, Collection, Hashable
 
-from outlier_runtime import hookimpl
+from pydantic import Field
+
+from outlier_runtime import PluginOptions, hookimpl
 
 __version__ = "0.1.0"
 
@@ -23,6 +25,11 @@ class PinnedLRUPolicy:
     #: Counters summed over every instance in this process. The paged engine makes one policy
     #: per cache (one per MoE layer, plus the RAM cache), so totals are what a test can read.
     totals: ClassVar[Counter] = Counter()
+
+    class Options(PluginOptions):
+        """Set from a manifest: ``[paging] cache_policy_options = { pinned = 8 }``."""
+
+        pinned: int = Field(default=4, ge=0, description="How many of the most-used cached experts to spare.")
 
     def __init__(self, pinned: int = 4) -> None:
         self.pinned = pinned

@@ -1,1 +1,1 @@
-"""bench"""
+"""``outlier bench``, ``outlier sweep-k`` and ``outlier routing``: measurements with provenance."""

@@ -221,6 +221,9 @@ def routing_report(
     """Route held-out text through the model at ``model_path``; write routing.json (and PNGs) to ``out_dir``."""
     from mlx_lm import load
 
+    if plots:
+        _require_matplotlib()  # before minutes of routing, not after
+
     from outlier_runtime.core.plugin_manager import get_registry
 
     started = time.perf_counter()
@@ -287,6 +290,14 @@ def routing_report(
         report["plots"] = write_plots(report, out_dir)
         (out_dir / "routing.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise OutlierError("the routing report draws its plots with matplotlib, which is not installed: "
+                           "pip install 'outlier-runtime[plots]', or pass --no-plots") from None
 
 
 def write_plots(report: dict, out_dir: Path) -> list[str]:

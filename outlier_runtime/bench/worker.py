@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from pydantic import Field
+
+from outlier_runtime import PluginOptions, hookimpl, plugin_ref
 from outlier_runtime.bench.model import GB, BenchError
 from outlier_runtime.core.system import current_rss_bytes, peak_rss_bytes
 
@@ -150,11 +153,25 @@ def _ban_eos(tokenizer: Any) -> Callable[[Any, Any], Any]:
 
 
 class TraceReader:
-    """Wraps the engine's reader and records every batch it reads (for the disk bound)."""
+    """A reader that wraps another and records every batch it reads (for the disk bound).
 
-    def __init__(self, inner: Any):
-        self.inner = inner
+    Registered in the worker process as the reader ``bench-trace``, through the same hook a
+    third-party reader uses, so the bench needs nothing private from the engine.
+    """
+
+    class Options(PluginOptions):
+        inner: str = plugin_ref("reader", "pread", options="inner_options", description="The reader to trace.")
+        inner_options: dict[str, Any] = Field(default_factory=dict, description="Its options.")
+
+    #: The instances made in this process (the worker loads one paged runtime at a time).
+    instances: list["TraceReader"] = []
+
+    def __init__(self, inner: str = "pread", inner_options: dict[str, Any] | None = None):
+        from outlier_runtime.core.plugin_manager import get_registry
+
+        self.inner = get_registry().create("reader", inner, inner_options or {})
         self.batches: list[list[tuple[str, int, int]]] = []
+        TraceReader.instances.append(self)
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -168,14 +185,20 @@ class TraceReader:
         self.inner.close()
 
 
-def _trace(model: Any) -> TraceReader | None:
-    for _, module in model.named_modules():
-        store = getattr(module, "_store", None)
-        if store is not None and hasattr(store, "reader"):
-            if not isinstance(store.reader, TraceReader):
-                store.reader = TraceReader(store.reader)
-            return store.reader
-    return None
+class TraceReaderPlugin:
+    @hookimpl
+    def register_readers(self, register: Any) -> None:
+        register("bench-trace", TraceReader, "Records each batch of another reader (the bench's disk bound).")
+
+
+def _traced(load: dict[str, Any]) -> dict[str, Any]:
+    """Load options that read through ``bench-trace`` around the configured reader."""
+    from outlier_runtime.core.plugin_manager import get_registry, register_plugin
+
+    if "bench-trace" not in get_registry().names("reader"):
+        register_plugin(TraceReaderPlugin(), "bench-trace")
+    inner = {"inner": load.get("reader", "pread"), "inner_options": load.get("reader_options", {})}
+    return {**load, "reader": "bench-trace", "reader_options": inner}
 
 
 def _diff(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
@@ -280,7 +303,7 @@ def _replay(spec: dict[str, Any]) -> dict[str, Any]:
         longest = max(length for batch in batches for _, _, length in batch)
         buffers = [aligned_empty(longest) for _ in range(max(len(batch) for batch in batches))]
         evict(files)
-        reader = registry.create("reader", name, **reader_options)
+        reader = registry.create("reader", name, reader_options)
         started = time.perf_counter()
         for batch in batches:
             targets = [aligned_empty(length) for _, _, length in batch] if fresh else buffers
@@ -320,10 +343,11 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["kind"] == "stock":
         model, tokenizer = mlx_lm.load(spec["model"])
     else:
-        runtime = outlier_runtime.load("plus", model=spec["model"], force=True, **spec["load"])
+        load = _traced(spec["load"]) if spec.get("trace_out") else spec["load"]
+        runtime = outlier_runtime.load("plus", model=spec["model"], force=True, **load)
         model, tokenizer, stats = runtime.model, runtime.tokenizer, runtime.engine_stats
     load_seconds = time.perf_counter() - started
-    trace = _trace(model) if spec.get("trace_out") else None
+    trace = TraceReader.instances[-1] if spec.get("trace_out") and runtime is not None else None
     # Warm-up: first-call costs (kernel setup, allocations) are not what we measure.
     _generate(model, tokenizer, spec["warmup_prompt"], 2, None, None)
     filled = None

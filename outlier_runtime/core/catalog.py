@@ -20,13 +20,15 @@ from typing import Any, Iterable
 
 import psutil
 
+from pydantic import BaseModel, ValidationError
+
 from outlier_runtime.core.errors import AdmissionError, ManifestError, TierNotFoundError
 from outlier_runtime.core.manifest import TierManifest, read_toml, validate_manifest
-from outlier_runtime.core.plugin_manager import Registry
+from outlier_runtime.core.options import plugin_refs
+from outlier_runtime.core.plugin_manager import Registration, Registry, format_option_errors
 
 TIERS_PATH_ENV = "OUTLIER_TIERS_PATH"
 HOME_ENV = "OUTLIER_HOME"
-MMAP_ENV = "OUTLIER_MMAP_EXPERTS"
 #: The product's admission rule: RAM must clear min_ram_gb with 15% slack.
 ADMISSION_SLACK = 1.15
 
@@ -111,24 +113,92 @@ def discover(extra_dirs: Iterable[Path] = ()) -> dict[str, TierSource]:
     return sources
 
 
-def check_plugin_names(manifest: TierManifest, source: str, registry: Registry) -> None:
-    """Unknown plugin names are manifest errors that name the key and the choices."""
-    checks = [("loader.name", "loader", manifest.loader.name)]
-    if manifest.paging is not None:
-        checks.append(("paging.reader", "reader", manifest.paging.reader))
-        checks.append(("paging.cache_policy", "cache_policy", manifest.paging.cache_policy))
-        if manifest.paging.prefetcher is not None:
-            checks.append(("paging.prefetcher", "prefetcher", manifest.paging.prefetcher))
-    for key, kind, name in checks:
-        if name not in registry.names(kind):
-            choices = ", ".join(repr(n) for n in registry.names(kind)) or "none installed"
-            raise ManifestError(
-                f"{source}: key `{key}`: unknown {kind.replace('_', ' ')} {name!r}; "
-                f"expected one of {choices} (or install the plugin that provides it)."
-            )
+def resolve_plugin_options(manifest: TierManifest, source: str, registry: Registry) -> TierManifest:
+    """Validate the options of the loader the tier names, and of every plugin those options name.
+
+    Sets ``manifest.loader_options``. Errors name the file, the key path, the plugin and what
+    it accepts.
+    """
+    loader = _registered(registry, "loader", manifest.loader.name, "loader.name", source)
+    tables = manifest.plugin_tables
+    for table, value in tables.items():
+        if table != loader.manifest_table:
+            raise ManifestError(f"{source}: key `{table}`: {_unclaimed_table(table, value, loader, registry)}")
+    if loader.manifest_table is not None and manifest.loader.options and loader.manifest_table in tables:
+        raise ManifestError(
+            f"{source}: keys `loader.options` and `{loader.manifest_table}` both set options of loader "
+            f"{loader.name!r}; keep them in [{loader.manifest_table}] only."
+        )
+    prefix = loader.manifest_table if loader.manifest_table in tables else "loader.options"
+    data = tables.get(loader.manifest_table) if loader.manifest_table in tables else manifest.loader.options
+    manifest._loader_options = _validated(registry, loader, data, prefix, source)
+    return manifest
 
 
-#: Python-level override names and the manifest key each one sets.
+def _registered(registry: Registry, kind: str, name: str, key: str, source: str) -> Registration:
+    if name not in registry.names(kind):
+        choices = ", ".join(repr(n) for n in registry.names(kind)) or "none installed"
+        raise ManifestError(
+            f"{source}: key `{key}`: unknown {kind.replace('_', ' ')} {name!r}; "
+            f"expected one of {choices} (or install the plugin that provides it)."
+        )
+    return registry.get(kind, name)
+
+
+def _validated(registry: Registry, registration: Registration, data: Any, prefix: str, source: str) -> BaseModel:
+    """``data`` validated against the plugin's options; then each plugin those options name, recursively."""
+    if not isinstance(data, dict):
+        raise ManifestError(f"{source}: key `{prefix}`: expected a table of options for "
+                            f"{registration.guard.describe()}, got {data!r}.")
+    try:
+        options = registration.options.model_validate(data)
+    except ValidationError as exc:
+        raise ManifestError(f"{source}: {format_option_errors(exc, registration, prefix)}") from None
+    for field, kind, options_field in plugin_refs(registration.options):
+        name = getattr(options, field)
+        if name is None:
+            continue
+        referenced = _registered(registry, kind, name, _key(prefix, field), source)
+        _validated(registry, referenced, getattr(options, options_field), _key(prefix, options_field), source)
+    return options
+
+
+def _key(prefix: str, field: str) -> str:
+    return f"{prefix}.{field}"
+
+
+def _unclaimed_table(table: str, value: Any, loader: Registration, registry: Registry) -> str:
+    owners = [r.name for r in registry.all("loader") if r.manifest_table == table]
+    if not isinstance(value, dict) or not owners:
+        return "unknown key; remove it or check its spelling (see `outlier schema`)"
+    return (f"loader {loader.name!r} reads no [{table}] table (it is for loader "
+            f"{' or '.join(repr(o) for o in owners)}); remove the table, or set loader.name to "
+            f"{owners[0]!r}.")
+
+
+def manifest_json_schema(registry: Registry) -> dict[str, Any]:
+    """The JSON Schema of a tier manifest, with each loader's own table and every plugin's options."""
+    schema = TierManifest.model_json_schema(ref_template="#/$defs/{model}")
+    schema["additionalProperties"] = False
+    defs = schema.setdefault("$defs", {})
+    by_kind: dict[str, dict[str, Any]] = {}
+    for kind in registry.kinds():
+        for registration in registry.all(kind):
+            options = registration.options.model_json_schema(ref_template="#/$defs/{model}")
+            defs.update(options.pop("$defs", {}))
+            by_kind.setdefault(kind, {})[registration.name] = options
+            if registration.manifest_table:
+                defs[registration.options.__name__] = options
+                schema["properties"][registration.manifest_table] = {
+                    "$ref": f"#/$defs/{registration.options.__name__}",
+                    "description": f"Options of loader {registration.name!r}.",
+                }
+    schema["x-plugin-options"] = by_kind
+    return schema
+
+
+#: Python-level override names and the manifest key each one sets. Any other bare name is an
+#: option of the tier's loader (``cache_gb=4`` on Plus sets ``paging.cache_gb``).
 OVERRIDE_KEYS = {
     "model": ("model", "path"),
     "repo": ("model", "repo"),
@@ -140,24 +210,15 @@ OVERRIDE_KEYS = {
     "context_window": ("generation", "context_window"),
     "system_prompt": ("generation", "system_prompt"),
     "seed": ("generation", "seed"),
-    "k_override": ("paging", "k_override"),
-    "cache_gb": ("paging", "cache_gb"),
-    "mmap_experts": ("paging", "mmap_experts"),
-    "lazy_load": ("paging", "lazy_load"),
-    "reader": ("paging", "reader"),
-    "reader_options": ("paging", "reader_options"),
-    "cache_policy": ("paging", "cache_policy"),
-    "prefetcher": ("paging", "prefetcher"),
-    "experts_per_token": ("paging", "experts_per_token"),
-    "use_pack": ("paging", "use_pack"),
-    "verify_checksums": ("paging", "verify_checksums"),
 }
 
 
-def overrides_to_data(overrides: dict[str, Any]) -> dict[str, Any]:
+def overrides_to_data(overrides: dict[str, Any], loader: Registration | None = None,
+                      options_path: tuple[str, ...] = ("loader", "options")) -> dict[str, Any]:
     """Turn ``load(..., cache_gb=4, model="/path")`` keywords into a manifest fragment.
 
-    Dotted keys (``{"paging.cache_gb": 4}``) reach any manifest key.
+    Core names map to their section; any other name must be an option of the tier's
+    ``loader``. Dotted keys (``{"paging.cache_gb": 4}``) reach any manifest key.
     """
     data: dict[str, Any] = {}
     for key, value in overrides.items():
@@ -167,10 +228,15 @@ def overrides_to_data(overrides: dict[str, Any]) -> dict[str, Any]:
             path = tuple(key.split("."))
         elif key in OVERRIDE_KEYS:
             path = OVERRIDE_KEYS[key]
+        elif loader is not None and key in loader.option_fields():
+            path = (*options_path, key)
         else:
             known = ", ".join(sorted(OVERRIDE_KEYS))
+            options = ", ".join(loader.option_fields()) if loader is not None else ""
             raise ManifestError(
-                f"Unknown override {key!r}. Use one of: {known}; or a dotted manifest key like 'paging.cache_gb'."
+                f"Unknown override {key!r}. Use one of: {known}"
+                + (f"; or an option of loader {loader.name!r}: {options or 'none'}" if loader is not None else "")
+                + "; or a dotted manifest key like 'generation.top_p'."
             )
         table = data
         for part in path[:-1]:
@@ -187,16 +253,21 @@ def overrides_to_data(overrides: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _env_overrides(data: dict[str, Any]) -> dict[str, Any]:
-    value = os.environ.get(MMAP_ENV)
-    if value is None or "paging" not in data:
-        return data
-    enabled = value.strip().lower() in {"1", "true", "yes", "on"}
-    return deep_merge(data, {"paging": {"mmap_experts": enabled}})
+def _loader_named(data: dict[str, Any], overrides: dict[str, Any], registry: Registry) -> Registration | None:
+    name = overrides.get("loader") or overrides.get("loader.name") or (data.get("loader") or {}).get("name")
+    return registry.get("loader", name) if isinstance(name, str) and name in registry.names("loader") else None
+
+
+def _options_path(loader: Registration | None, data: dict[str, Any]) -> tuple[str, ...]:
+    """Where the manifest keeps the loader's options: its own table, unless [loader.options] is used."""
+    loader_options = (data.get("loader") or {}).get("options")
+    if loader is None or loader.manifest_table is None or (loader_options and loader.manifest_table not in data):
+        return ("loader", "options")
+    return (loader.manifest_table,)
 
 
 def resolve_tier(name: str, registry: Registry, overrides: dict[str, Any] | None = None) -> TierManifest:
-    """The validated manifest for tier ``name``, with environment and Python overrides applied."""
+    """The validated manifest for tier ``name``, with Python overrides applied and plugin options checked."""
     sources = discover()
     if name not in sources:
         known = ", ".join(sorted(sources))
@@ -205,14 +276,14 @@ def resolve_tier(name: str, registry: Registry, overrides: dict[str, Any] | None
             f"Add a manifest to {outlier_home() / 'tiers'} or a directory in ${TIERS_PATH_ENV}."
         )
     source = sources[name]
-    data = _env_overrides(source.data)
+    data = source.data
     label = source.label
     if overrides:
-        data = deep_merge(data, overrides_to_data(overrides))
+        loader = _loader_named(data, overrides, registry)
+        data = deep_merge(data, overrides_to_data(overrides, loader, _options_path(loader, data)))
         label += " (with Python overrides)"
     manifest = validate_manifest(data, label)
-    check_plugin_names(manifest, label, registry)
-    return manifest
+    return resolve_plugin_options(manifest, label, registry)
 
 
 def total_ram_gb() -> float:
@@ -241,6 +312,8 @@ class TierStatus:
             "disk_gb": m.tier.disk_gb if m else None,
             "min_ram_gb": m.tier.min_ram_gb if m else None,
             "context_window": m.generation.context_window if m else None,
+            "reference_tok_s": m.tier.reference_tok_s if m else None,
+            "image_input": m.model.image_input if m else None,
             "runnable": self.runnable,
             "reason": self.reason,
             "error": self.error,
@@ -274,8 +347,7 @@ def list_tiers(registry: Registry) -> list[TierStatus]:
     statuses = []
     for name, source in sorted(discover().items()):
         try:
-            manifest = validate_manifest(_env_overrides(source.data), source.label)
-            check_plugin_names(manifest, source.label, registry)
+            manifest = resolve_plugin_options(validate_manifest(source.data, source.label), source.label, registry)
         except ManifestError as exc:
             statuses.append(TierStatus(None, name, source.files, False, "invalid manifest", str(exc)))
             continue

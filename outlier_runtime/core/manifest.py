@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from outlier_runtime.core.errors import ManifestError
 
@@ -57,7 +57,10 @@ class LoaderSection(_Section):
     """Which loader plugin builds the model, and its options."""
 
     name: str = Field(description="A registered loader name (see `outlier plugins`).")
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The loader's options, checked against the options it declares (`outlier plugins --options`).",
+    )
 
 
 class GenerationSection(_Section):
@@ -74,40 +77,49 @@ class GenerationSection(_Section):
     )
 
 
-class PagingSection(_Section):
-    """The paged-MoE engine's knobs (the product's, plus ours)."""
+class TierManifest(BaseModel):
+    """One tier: identity, model source, loader and generation defaults.
 
-    k_override: int = Field(default=20, ge=1, description="Compute-ready expert slots per MoE layer.")
-    cache_gb: float = Field(
-        default=8.0, ge=0, description="Upper bound on all expert bytes held: slots plus RAM cache."
-    )
-    mmap_experts: bool = Field(
-        default=False, description="Read experts through mmap (OUTLIER_MMAP_EXPERTS overrides)."
-    )
-    lazy_load: bool = Field(default=True, description="Never materialize stacked expert tensors.")
-    reader: str = Field(default="pread", description="A registered reader name.")
-    reader_options: dict[str, Any] = Field(default_factory=dict)
-    cache_policy: str = Field(default="lru", description="A registered cache-policy name.")
-    prefetcher: Optional[str] = Field(default=None, description="A registered prefetcher, or none.")
-    experts_per_token: Optional[int] = Field(
-        default=None, ge=1, description="Override the router's top-k. Changes results."
-    )
-    use_pack: bool = Field(default=True, description="Use a packed expert layout when a valid one exists.")
-    verify_checksums: bool = Field(default=False, description="Verify per-expert checksums on read.")
+    A loader may read its options from a top-level table of its own (the paged loader reads
+    ``[paging]``); any other unknown table or key is an error, reported by the catalog once it
+    knows the tier's loader. The loader's validated options are ``loader_options``.
+    """
 
-
-class TierManifest(_Section):
-    """One tier: identity, model source, loader, generation defaults and (for MoE) paging."""
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     tier: TierSection
     model: ModelSection
     loader: LoaderSection
     generation: GenerationSection = Field(default_factory=GenerationSection)
-    paging: Optional[PagingSection] = None
+    _loader_options: Optional[BaseModel] = PrivateAttr(default=None)
 
     @property
     def name(self) -> str:
         return self.tier.id
+
+    @property
+    def plugin_tables(self) -> dict[str, Any]:
+        """Top-level tables beyond the core sections (a loader's own table, e.g. ``paging``)."""
+        return dict(self.model_extra or {})
+
+    @property
+    def loader_options(self) -> BaseModel:
+        """The loader's options, validated against its plugin's model when the tier was resolved."""
+        if self._loader_options is None:
+            raise ManifestError(f"tier {self.name!r}: options not resolved; load tiers with outlier_runtime.load()")
+        return self._loader_options
+
+    def to_data(self) -> dict[str, Any]:
+        """The manifest as TOML-shaped data, with the loader's options complete (defaults filled in)."""
+        data = self.model_dump(exclude_none=True)
+        if self._loader_options is not None:
+            table = next(iter(self.plugin_tables), None)
+            resolved = self._loader_options.model_dump(exclude_none=True)
+            if table is not None:
+                data[table] = resolved
+            else:
+                data["loader"]["options"] = resolved
+        return data
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -130,15 +142,20 @@ def validate_manifest(data: dict[str, Any], source: str) -> TierManifest:
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid tier manifest ({exc.error_count()} problem(s)):"]
+    """One line for one problem; a header and one line per problem for several."""
+    problems = []
     for error in exc.errors():
         location = [str(part) for part in error["loc"]]
         key = ".".join(location) or "(top level)"
-        lines.append(f"  - key `{key}`: {_explain(error)}")
-    return "\n".join(lines)
+        problems.append(f"key `{key}`: {explain_error(error)}")
+    if len(problems) == 1:
+        return f"{source}: {problems[0]}"
+    return "\n".join([f"{source}: invalid tier manifest ({len(problems)} problems):",
+                      *(f"  - {problem}" for problem in problems)])
 
 
-def _explain(error: dict[str, Any]) -> str:
+def explain_error(error: dict[str, Any]) -> str:
+    """What one pydantic error means, in words a manifest author can act on."""
     kind = error["type"]
     given = error.get("input")
     ctx = error.get("ctx") or {}

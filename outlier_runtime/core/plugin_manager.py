@@ -1,27 +1,48 @@
-"""The plugin manager: discovers plugins through entry points and collects what they register.
+"""The plugin manager: registers the built-in plugins and the third-party ones, and collects
+what they register.
 
-Built-in plugins (in ``plugins/``) and third-party plugins are found the same way, through
-the ``outlier_runtime`` entry-point group. ``OUTLIER_LOAD_PLUGINS`` limits third-party
-auto-loading: unset loads all, an empty string loads none, ``a,b`` loads only the entry
-points or distributions named ``a`` and ``b``. Built-in plugins always load.
+Built-in plugins (the modules in ``plugins/``) are listed in ``DEFAULT_PLUGINS`` and registered
+by import path, so a source checkout has them without ``pip install``. Third-party plugins
+arrive through the ``outlier_runtime`` entry-point group. ``OUTLIER_LOAD_PLUGINS`` limits
+third-party auto-loading: unset loads all, an empty string loads none, ``a,b`` loads only the
+entry points or distributions named ``a`` and ``b``. Built-in plugins always load.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import pluggy
+from pydantic import BaseModel, ValidationError
 
 from outlier_runtime.core import hookspecs
 from outlier_runtime.core.errors import PluginError
+from outlier_runtime.core.manifest import explain_error
+from outlier_runtime.core.guard import GUARDS, PluginGuard
+from outlier_runtime.core.options import NoOptions, as_kwargs, describe_options
+
+log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "outlier_runtime"
 LOAD_PLUGINS_ENV = "OUTLIER_LOAD_PLUGINS"
 BUILTIN_DISTRIBUTION = "outlier-runtime"
+
+#: The built-in plugins: plugin name -> module (each a package under ``plugins/``).
+DEFAULT_PLUGINS = {
+    "dense": "outlier_dense",
+    "paged_moe": "outlier_paged_moe",
+    "cache_lru": "outlier_cache_lru",
+    "cache_lfu": "outlier_cache_lfu",
+    "readers": "outlier_readers",
+    "fanout": "outlier_fanout",
+    "prefetch": "outlier_prefetch",
+}
 
 #: The kinds of thing a plugin can register, keyed by the hook that registers them.
 KINDS = {
@@ -42,6 +63,17 @@ class Registration:
     plugin: str
     distribution: str | None
     description: str = ""
+    #: The pydantic model of the options this thing accepts (NoOptions: none).
+    options: type[BaseModel] = NoOptions
+    #: A top-level manifest table holding a loader's options (``paging``), else ``[loader.options]``.
+    manifest_table: str | None = None
+
+    @property
+    def guard(self) -> PluginGuard:
+        return PluginGuard(self.kind, self.name, self.plugin, self.distribution)
+
+    def option_fields(self) -> list[str]:
+        return list(self.options.model_fields)
 
 
 @dataclass
@@ -52,6 +84,8 @@ class PluginInfo:
     distribution: str | None
     version: str | None
     provides: dict[str, list[str]] = field(default_factory=dict)
+    #: kind -> registered name -> its options (name, type, default, description).
+    options: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +93,7 @@ class PluginInfo:
             "distribution": self.distribution,
             "version": self.version,
             "provides": self.provides,
+            "options": self.options,
         }
 
 
@@ -78,6 +113,9 @@ class Registry:
             )
         self._things[registration.kind][registration.name] = registration
 
+    def kinds(self) -> list[str]:
+        return list(self._things)
+
     def names(self, kind: str) -> list[str]:
         return sorted(self._things[kind])
 
@@ -94,9 +132,45 @@ class Registry:
                 f"Install the plugin that provides it, or pick one of those names."
             ) from None
 
-    def create(self, kind: str, name: str, *args: Any, **kwargs: Any) -> Any:
-        """Build an instance of the named thing by calling its factory."""
-        return self.get(kind, name).factory(*args, **kwargs)
+    def create(self, kind: str, name: str, options: Mapping[str, Any] | BaseModel | None = None) -> Any:
+        """Build the named thing with validated options; calls into it are guarded.
+
+        Readers, cache policies and prefetchers are built as ``factory(**options)``; a loader
+        is built as ``factory()`` and receives its options in the ``LoadRequest``.
+        """
+        registration = self.get(kind, name)
+        guard = registration.guard
+        if kind == "loader":
+            return guard.call("factory", registration.factory)
+        validated = validate_options(registration, options)
+        instance = guard.call("factory", lambda: registration.factory(**as_kwargs(validated)))
+        return GUARDS[kind](instance, guard)
+
+
+def validate_options(registration: Registration, options: Mapping[str, Any] | BaseModel | None) -> BaseModel:
+    """The plugin's options model for ``options`` (already validated models pass through)."""
+    if isinstance(options, registration.options):
+        return options
+    data = options.model_dump() if isinstance(options, BaseModel) else dict(options or {})
+    try:
+        return registration.options.model_validate(data)
+    except ValidationError as exc:
+        raise PluginError(format_option_errors(exc, registration, "options")) from None
+
+
+def format_option_errors(exc: ValidationError, registration: Registration, prefix: str) -> str:
+    """One line per problem: the key path under ``prefix``, what is wrong, and what is accepted."""
+    accepted = ", ".join(registration.option_fields()) or "none"
+    who = registration.guard.describe()
+    lines = []
+    for error in exc.errors():
+        key = ".".join([prefix, *(str(part) for part in error["loc"])])
+        if error["type"] == "extra_forbidden":
+            problem = f"unknown key: {who} has no option {str(error['loc'][-1])!r}; it accepts: {accepted}"
+        else:
+            problem = f"{who}: {explain_error(error)}"
+        lines.append(f"key `{key}`: {problem}")
+    return "; ".join(lines)
 
 
 def _describe(registration: Registration) -> str:
@@ -120,15 +194,29 @@ def _allowed_third_party() -> set[str] | None:
     return {part.strip() for part in value.split(",") if part.strip()}
 
 
+def _load_default_plugins(pm: pluggy.PluginManager) -> None:
+    for name, module_name in DEFAULT_PLUGINS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise PluginError(
+                f"Built-in plugin {name!r} (module {module_name!r}) failed to import: {exc}. "
+                f"Reinstall outlier-runtime, or put its plugins/ folder on PYTHONPATH in a source checkout."
+            ) from exc
+        pm.register(module, name=name)
+
+
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
     allowed = _allowed_third_party()
+    seen: set[str] = set()
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = entry_point.dist.name if entry_point.dist is not None else None
-        builtin = dist is not None and _normalize(dist) == _normalize(BUILTIN_DISTRIBUTION)
-        if not builtin and allowed is not None:
-            if entry_point.name not in allowed and (dist is None or dist not in allowed):
-                continue
-        if pm.get_plugin(entry_point.name) is not None or pm.is_blocked(entry_point.name):
+        seen.update({entry_point.name, *([dist] if dist else [])})
+        if allowed is not None and entry_point.name not in allowed and (dist is None or dist not in allowed):
+            continue
+        if entry_point.name in DEFAULT_PLUGINS or pm.is_blocked(entry_point.name):
+            continue  # the built-ins are registered from DEFAULT_PLUGINS, never twice
+        if pm.get_plugin(entry_point.name) is not None:
             continue
         try:
             plugin = entry_point.load()
@@ -140,6 +228,9 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         pm.register(plugin, name=entry_point.name)
         if entry_point.dist is not None:
             _plugin_dists[entry_point.name] = entry_point.dist
+    for name in sorted((allowed or set()) - seen):
+        log.warning("%s names %r, but no installed plugin or distribution has that name; ignored.",
+                    LOAD_PLUGINS_ENV, name)
 
 
 def _normalize(name: str) -> str:
@@ -153,6 +244,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
         if _pm is None:
             pm = pluggy.PluginManager(hookspecs.PROJECT)
             pm.add_hookspecs(hookspecs)
+            _load_default_plugins(pm)
             _load_entry_points(pm)
             for plugin, name in _extra_plugins:
                 if pm.get_plugin(name) is None:
@@ -178,17 +270,46 @@ def get_registry() -> Registry:
                     dist = distributions.get(plugin_name)
 
                     def register(name: str, factory: Callable[..., Any], description: str = "",
+                                 options: type[BaseModel] | None = None, manifest_table: str | None = None,
                                  _kind: str = kind, _plugin: str = plugin_name,
                                  _dist: str | None = dist) -> None:
-                        registry.add(Registration(_kind, name, factory, _plugin, _dist, description))
+                        registry.add(_registration(_kind, name, factory, _plugin, _dist, description,
+                                                   options, manifest_table))
 
-                    impl.function(register=register)
+                    PluginGuard(kind, hook_name, plugin_name, dist).call(hook_name, impl.function, register)
             _registry = registry
         return _registry
 
 
+def _registration(kind: str, name: str, factory: Callable[..., Any], plugin: str, dist: str | None,
+                  description: str, options: type[BaseModel] | None, manifest_table: str | None) -> Registration:
+    """Check what a plugin registers; the options model defaults to the factory's inner ``Options``."""
+    origin = f"plugin {plugin!r}" + (f" (distribution {dist!r})" if dist else "")
+    if not isinstance(name, str) or not name:
+        raise PluginError(f"{origin} registered a {kind.replace('_', ' ')} without a name (got {name!r}).")
+    if not callable(factory):
+        raise PluginError(f"{origin} registered {kind.replace('_', ' ')} {name!r} with a factory that "
+                          f"cannot be called ({factory!r}).")
+    options = options if options is not None else getattr(factory, "Options", NoOptions)
+    if not (isinstance(options, type) and issubclass(options, BaseModel)):
+        raise PluginError(f"{origin} registered {kind.replace('_', ' ')} {name!r} with options {options!r}; "
+                          f"expected a pydantic model class (subclass outlier_runtime.PluginOptions).")
+    if manifest_table is not None and kind != "loader":
+        raise PluginError(f"{origin}: only loaders can read a manifest table ({name!r} asked for "
+                          f"[{manifest_table}]).")
+    return Registration(kind, name, factory, plugin, dist, description, options, manifest_table)
+
+
 def _distributions() -> dict[str, str]:
-    return {name: dist.metadata["Name"] for name, dist in _plugin_dists.items()}
+    names = {name: dist.metadata["Name"] for name, dist in _plugin_dists.items()}
+    return {**{name: BUILTIN_DISTRIBUTION for name in DEFAULT_PLUGINS}, **names}
+
+
+def _versions() -> dict[str, str]:
+    from outlier_runtime import __version__
+
+    versions = {name: dist.version for name, dist in _plugin_dists.items()}
+    return {**{name: __version__ for name in DEFAULT_PLUGINS}, **versions}
 
 
 def register_plugin(plugin: object, name: str) -> None:
@@ -226,7 +347,7 @@ def plugin_infos() -> list[PluginInfo]:
     pm = get_plugin_manager()
     registry = get_registry()
     infos: dict[str, PluginInfo] = {}
-    versions = {name: dist.version for name, dist in _plugin_dists.items()}
+    versions = _versions()
     distributions = _distributions()
     for name, plugin in pm.list_name_plugin():
         if plugin is hookspecs:
@@ -239,4 +360,5 @@ def plugin_infos() -> list[PluginInfo]:
                 PluginInfo(registration.plugin, registration.distribution, None),
             )
             info.provides.setdefault(kind, []).append(registration.name)
+            info.options.setdefault(kind, {})[registration.name] = describe_options(registration.options)
     return sorted(infos.values(), key=lambda info: info.name)

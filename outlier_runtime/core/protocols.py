@@ -62,7 +62,8 @@ class LoadRequest:
 
     manifest: "TierManifest"
     model_path: Path
-    options: dict[str, Any] = field(default_factory=dict)
+    #: The loader's options, an instance of the options model it registered (validated).
+    options: Any = None
 
 
 @dataclass

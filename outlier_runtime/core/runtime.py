@@ -37,7 +37,8 @@ def load(tier: str, *, force: bool = False, **overrides: Any) -> "Runtime":
     loader = registry.create("loader", manifest.loader.name)
     log.info("loading tier %s from %s with loader %s", manifest.name, model_path, manifest.loader.name)
     started = time.perf_counter()
-    loaded = loader.load(LoadRequest(manifest, model_path, dict(manifest.loader.options)))
+    loaded = registry.get("loader", manifest.loader.name).guard.call(
+        "load", loader.load, LoadRequest(manifest, model_path, manifest.loader_options))
     log.info("loaded in %.2f s", time.perf_counter() - started)
     return Runtime(manifest, loaded)
 

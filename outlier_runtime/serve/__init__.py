@@ -1,1 +1,1 @@
-"""serve"""
+"""``outlier serve``: the OpenAI-compatible HTTP server over the tiers."""

@@ -67,13 +67,17 @@ class ServerConfig:
     preload: str | None = None
 
     def load_overrides(self, tier: str) -> dict[str, Any]:
-        """The overrides ``load(tier, ...)`` gets: paging knobs (paged tiers only), then the tier's own."""
+        """The overrides ``load(tier, ...)`` gets: the paging knobs its loader accepts, then the tier's own."""
         from outlier_runtime.core.plugin_manager import get_registry
         from outlier_runtime.core.catalog import resolve_tier
 
         per_tier = self.tier_overrides.get(tier, {})
-        paged = resolve_tier(tier, get_registry(), per_tier).paging is not None
-        return {**(self.paging_overrides if paged else {}), **per_tier}
+        registry = get_registry()
+        loader = registry.get("loader", resolve_tier(tier, registry, per_tier).loader.name)
+        accepted = set(loader.option_fields())
+        shared = {key: value for key, value in self.paging_overrides.items()
+                  if key in accepted or "." in key and key.split(".")[0] == loader.manifest_table}
+        return {**shared, **per_tier}
 
 
 def parse_tier_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:

@@ -26,7 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import numpy as np
+from pydantic import Field, ValidationError
 
+from outlier_runtime import PluginOptions
 from outlier_runtime.core.errors import ExpertReadError, ManifestError
 from outlier_runtime.engine.fileio import FileTable, pread_into
 from outlier_runtime.core.protocols import ReadRequest
@@ -65,30 +67,27 @@ def _address(view: memoryview) -> int:
 class FanoutReader:
     """Parallel chunked reads into caller buffers; O_DIRECT where everything is aligned.
 
-    Options (``[paging] reader_options``): ``workers`` (threads reading at once, the
-    caller included), ``chunk_bytes`` (piece size of O_DIRECT reads, a multiple of 4096),
-    ``direct`` (use O_DIRECT for aligned requests; ``false`` reads everything through the
-    page cache), ``buffered_chunk_bytes`` (piece size of page-cache reads; 0, the default,
-    reads each such request whole: splitting them defeats the kernel's readahead and was
-    slower than one read per range in every measurement here).
+    Options (``[paging] reader_options``) are the inner ``Options`` model. Page-cache reads
+    are not split by default: splitting them defeats the kernel's readahead and was slower
+    than one read per range in every measurement here.
     """
+
+    class Options(PluginOptions):
+        workers: int = Field(default=DEFAULT_WORKERS, ge=1, description="Threads reading at once, the caller included.")
+        chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, gt=0, multiple_of=DIRECT_ALIGNMENT,
+                                 description=f"Piece size of O_DIRECT reads (a multiple of {DIRECT_ALIGNMENT}).")
+        direct: bool = Field(default=True, description="O_DIRECT for aligned requests; false: page cache only.")
+        buffered_chunk_bytes: int = Field(default=0, ge=0,
+                                          description="Piece size of page-cache reads; 0 reads each request whole.")
 
     def __init__(self, workers: int = DEFAULT_WORKERS, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  direct: bool = True, buffered_chunk_bytes: int = 0) -> None:
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise ManifestError(f"reader_options.workers = {workers!r}: expected an integer >= 1 (e.g. 8)")
-        if (not isinstance(chunk_bytes, int) or isinstance(chunk_bytes, bool) or chunk_bytes <= 0
-                or chunk_bytes % DIRECT_ALIGNMENT):
-            raise ManifestError(
-                f"reader_options.chunk_bytes = {chunk_bytes!r}: expected a positive multiple of "
-                f"{DIRECT_ALIGNMENT} (e.g. {DEFAULT_CHUNK_BYTES})"
-            )
-        if not isinstance(direct, bool):
-            raise ManifestError(f"reader_options.direct = {direct!r}: expected true or false")
-        if not isinstance(buffered_chunk_bytes, int) or isinstance(buffered_chunk_bytes, bool) \
-                or buffered_chunk_bytes < 0:
-            raise ManifestError(f"reader_options.buffered_chunk_bytes = {buffered_chunk_bytes!r}: expected an "
-                                "integer >= 0 (0: read each unaligned request whole)")
+        try:  # the same checks for direct construction as for a manifest's reader_options
+            self.Options(workers=workers, chunk_bytes=chunk_bytes, direct=direct,
+                         buffered_chunk_bytes=buffered_chunk_bytes)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            raise ManifestError(f"reader_options.{error['loc'][0]} = {error['input']!r}: {error['msg']}") from None
         self.buffered_chunk_bytes = buffered_chunk_bytes
         self.workers = workers
         self.chunk_bytes = chunk_bytes

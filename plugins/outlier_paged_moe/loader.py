@@ -17,11 +17,12 @@ from outlier_runtime.engine.experts import (
     module_at,
     set_experts_per_token,
 )
-from outlier_runtime.core.manifest import PagingSection
 from outlier_runtime.engine.pack import attach_pack
 from outlier_runtime.core.plugin_manager import get_registry
-from outlier_runtime.core.protocols import LoadedModel, LoadRequest, Prefetcher
+from outlier_runtime.core.guard import GuardedPrefetcher
+from outlier_runtime.core.protocols import LoadedModel, LoadRequest
 
+from .options import PagedMoEOptions
 from .store import ExpertStore, LayerSlots
 from .switch import PagedSwitch
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 GB = 1e9
 
 
-def plan_memory(index: ExpertIndex, paging: PagingSection) -> tuple[int, int]:
+def plan_memory(index: ExpertIndex, paging: PagedMoEOptions) -> tuple[int, int]:
     """Slots per layer and RAM-cache bytes such that slots + cache <= cache_gb.
 
     Slots come first (they are what computes); a cache too small for ``k_override`` slots
@@ -53,9 +54,11 @@ def _install_slot_buffers(site: SwitchSite, slots: LayerSlots) -> None:
         setattr(module_at(site.module, owner_path), attr, buffer)
 
 
-def _prefetch_next(store: ExpertStore, prefetcher: Prefetcher, number: int, next_site: SwitchSite):
+def _prefetch_next(store: ExpertStore, prefetcher: GuardedPrefetcher, number: int, next_site: SwitchSite):
+    num_experts = store.layers[number + 1].layer.num_experts
+
     def prefetch(hidden: mx.array) -> None:
-        store.prefetch(number + 1, prefetcher.predict(number, hidden, next_site.block))
+        store.prefetch(number + 1, prefetcher.predict(number, hidden, next_site.block, num_experts))
 
     return prefetch
 
@@ -66,7 +69,7 @@ class PagedMoELoader:
     def load(self, request: LoadRequest) -> LoadedModel:
         import mlx_lm
 
-        paging = request.manifest.paging or PagingSection()
+        paging = request.options
         path = request.model_path
         # Validate every shard first: a missing or truncated file is named here, not deep in mlx.
         entries = read_checkpoint(path)
@@ -91,8 +94,8 @@ class PagedMoELoader:
                 set_experts_per_token(site, paging.experts_per_token)
 
         registry = get_registry()
-        reader_name = "mmap" if paging.mmap_experts else paging.reader
-        reader = registry.create("reader", reader_name, **paging.reader_options)
+        reader_name = paging.reader  # mmap_experts = true already made it "mmap"
+        reader = registry.create("reader", reader_name, paging.reader_options)
         num_slots, ram_budget = plan_memory(index, paging)
         expert_names = index.expert_tensor_names
         non_expert_bytes = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if k not in expert_names)
@@ -115,12 +118,12 @@ class PagedMoELoader:
         }
         store = ExpertStore(
             index, num_slots, ram_budget, reader,
-            lambda: registry.create("cache_policy", paging.cache_policy), info,
+            lambda: registry.create("cache_policy", paging.cache_policy, paging.cache_policy_options), info,
             verify_checksums=paging.verify_checksums,
         )
         prefetcher = None
         if paging.prefetcher is not None:
-            prefetcher = registry.create("prefetcher", paging.prefetcher)
+            prefetcher = registry.create("prefetcher", paging.prefetcher, paging.prefetcher_options)
         for number, (site, slots) in enumerate(zip(sites, store.layers)):
             _install_slot_buffers(site, slots)
             prefetch = None

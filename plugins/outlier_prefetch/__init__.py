@@ -11,7 +11,9 @@ from typing import Any, Sequence
 import mlx.core as mx
 import numpy as np
 
-from outlier_runtime import hookimpl
+from pydantic import Field
+
+from outlier_runtime import PluginOptions, hookimpl
 from outlier_runtime.engine.experts import TOP_K_ATTRIBUTES
 
 ROUTER_ATTRIBUTES = ("gate", "router")
@@ -19,6 +21,11 @@ ROUTER_ATTRIBUTES = ("gate", "router")
 
 class NextLayerRouterPrefetcher:
     """Predicts the top ``extra + top_k`` experts of the next layer for the current tokens."""
+
+    class Options(PluginOptions):
+        extra: int = Field(default=0, ge=0, description="Experts to read beyond the router's top-k.")
+        max_tokens: int = Field(default=1, ge=1,
+                                description="Guess only for steps of at most this many tokens (decode).")
 
     def __init__(self, extra: int = 0, max_tokens: int = 1):
         self.extra = extra

@@ -1,0 +1,68 @@
+"""The paged-MoE loader's options: the ``[paging]`` table of a tier manifest."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from pydantic import Field, model_validator
+
+from outlier_runtime import ManifestError, PluginOptions, plugin_ref
+
+MMAP_ENV = "OUTLIER_MMAP_EXPERTS"
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def env_flag(name: str) -> bool | None:
+    """A boolean environment variable: unset is None; anything but 1/0/true/false/yes/no/on/off is an error."""
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    text = value.strip().lower()
+    if text in _TRUE | _FALSE:
+        return text in _TRUE
+    raise ManifestError(f"environment variable {name}={value!r}: expected 1 or 0 (or true/false); "
+                        f"fix or unset it.")
+
+
+class PagedMoEOptions(PluginOptions):
+    """The paged engine's knobs: the product's, plus ours."""
+
+    k_override: int = Field(default=20, ge=1, description="Compute-ready expert slots per MoE layer.")
+    cache_gb: float = Field(default=8.0, ge=0,
+                            description="Upper bound on all expert bytes held: slots plus RAM cache (GB = 1e9 bytes).")
+    mmap_experts: bool = Field(
+        default=False,
+        description=f"Read experts through mmap: shorthand for reader = 'mmap' ({MMAP_ENV}=1/0 overrides).",
+    )
+    lazy_load: bool = Field(
+        default=True,
+        description="Read non-expert weights on first use instead of at load time. Stacked expert tensors "
+                    "are never read whole either way.",
+    )
+    reader: str = plugin_ref("reader", "pread", options="reader_options",
+                             description="A registered reader (`outlier plugins`).")
+    reader_options: dict[str, Any] = Field(default_factory=dict, description="Options of the reader.")
+    cache_policy: str = plugin_ref("cache_policy", "lru", options="cache_policy_options",
+                                   description="A registered cache policy: picks which experts leave.")
+    cache_policy_options: dict[str, Any] = Field(default_factory=dict, description="Options of the cache policy.")
+    prefetcher: Optional[str] = plugin_ref("prefetcher", None, options="prefetcher_options",
+                                           description="A registered prefetcher, or none.")
+    prefetcher_options: dict[str, Any] = Field(default_factory=dict, description="Options of the prefetcher.")
+    experts_per_token: Optional[int] = Field(default=None, ge=1,
+                                             description="Override the router's top-k. Changes results.")
+    use_pack: bool = Field(default=True, description="Use a packed expert layout when a valid one exists.")
+    verify_checksums: bool = Field(default=False, description="Verify per-expert checksums of pack records on read.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mmap_selects_the_reader(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        from_env = env_flag(MMAP_ENV)
+        data = dict(data)
+        if from_env is not None:
+            data["mmap_experts"] = from_env
+        if data.get("mmap_experts") is True:
+            data["reader"] = "mmap"
+        return data
