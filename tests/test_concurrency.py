@@ -93,9 +93,11 @@ def test_concurrent_generations_equal_single_threaded_ones(runtime):
     assert_slots_hold_true_experts(runtime)
     for slots in store.layers:
         assert len(slots.slot_of) <= slots.num_slots
-    assert store.ram.used == sum(r.base.nbytes if r.base is not None else r.nbytes
-                                 for r in store.ram._records.values())
-    assert store.ram.used <= store.ram.budget
+        # An expert lives in a slot or in the RAM cache, never both.
+        assert not any(slots.key(expert) in store.ram for expert in slots.slot_of)
+    # Every record held is counted: the RAM cache's plus the prefetches still in flight.
+    in_flight = sum(record.nbytes for record, _ in store._inflight.values())
+    assert store.pool.held == store.ram.used + in_flight <= store.ram.budget
     # After all that, a request alone still gets its single-threaded result.
     assert _run(runtime, 0, streamed=False) == alone[0]
     if runtime.manifest.loader_options.prefetcher:

@@ -16,6 +16,8 @@ class LayerStats:
     bytes_read: int = 0
     read_seconds: float = 0.0
     evictions: int = 0
+    #: Evicted slot experts whose bytes moved into the RAM cache (the victim cache).
+    victims_cached: int = 0
     passes: int = 0
     prefetched: int = 0
     prefetch_bytes: int = 0

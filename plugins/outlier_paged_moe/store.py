@@ -1,10 +1,16 @@
 """The expert store: compute-ready slots per layer, an in-RAM cache of expert bytes, and reads.
 
-Two memory levels, both bounded:
+Two memory levels, both bounded, together within ``cache_gb``:
 - slots: per MoE layer, ``S`` preallocated rows of each stacked expert tensor (mx arrays the
   unmodified switch module computes on). A slot is filled in place.
 - RAM cache: expert records (the expert's tensors back to back, as bytes) keyed on
-  (layer, expert), so an expert evicted from its slot can come back without touching disk.
+  (layer, expert). It is a victim cache: an expert lives in a slot or in the RAM cache, never
+  both. An expert leaving its slot is copied into the RAM cache; one installed into a slot
+  leaves it. So the same bytes hold more distinct experts.
+
+Every host-side record (cached, in flight, prefetched) is a buffer of one ``RecordPool``
+that counts what is checked out: room is made (by evicting RAM-cache entries) before a
+buffer is taken, so the budget holds at peak, not only at rest.
 
 A slot is marked valid only after its bytes were read and installed completely, so a failed
 read never leaves a half-written expert that a later step would compute with.
@@ -21,11 +27,11 @@ from typing import Any, Callable, Hashable, Iterable
 import mlx.core as mx
 import numpy as np
 
-from outlier_runtime.engine.buffers import aligned_empty
 from outlier_runtime.core.errors import ExpertReadError
 from outlier_runtime.engine.experts import ExpertIndex, ExpertLayer
 from outlier_runtime.core.protocols import CachePolicy, Reader, ReadRequest
 
+from .records import RecordPool, record_stride
 from .stats import LayerStats, snapshot
 
 EMPTY = -1
@@ -34,19 +40,25 @@ READ_ATTEMPTS = 3
 RETRY_BACKOFF_SECONDS = 0.01
 
 
-def _footprint(record: np.ndarray) -> int:
-    """Bytes a record keeps alive: its whole (padded, aligned) allocation, not just its view."""
-    return record.base.nbytes if record.base is not None else record.nbytes
-
-
 class RamCache:
-    """Expert records in host memory, at most ``budget`` bytes; victims chosen by a policy."""
+    """Expert records in host memory; victims chosen by a policy. Its budget is shared with the
+    records in flight, all counted by the pool (``pool.held``)."""
 
-    def __init__(self, budget: int, policy: CachePolicy):
+    def __init__(self, budget: int, policy: CachePolicy, pool: RecordPool):
         self.budget = budget
         self.policy = policy
-        self.used = 0
+        self.pool = pool
         self._records: dict[Hashable, np.ndarray] = {}
+
+    @property
+    def used(self) -> int:
+        return sum(record.nbytes for record in self._records.values())
+
+    def make_room(self, nbytes: int) -> bool:
+        """Evict until ``nbytes`` more can be taken from the pool within the budget."""
+        while self.pool.held + nbytes > self.budget and self._records:
+            self.drop(self.policy.choose_victim(self._records.keys()))
+        return self.pool.held + nbytes <= self.budget
 
     def get(self, key: Hashable) -> np.ndarray | None:
         record = self._records.get(key)
@@ -54,23 +66,35 @@ class RamCache:
             self.policy.accessed(key)
         return record
 
+    def take(self, key: Hashable) -> np.ndarray | None:
+        """Remove and return a record (it is moving into a slot); the caller gives it back."""
+        record = self._records.pop(key, None)
+        if record is not None:
+            self.policy.evicted(key)
+        return record
+
     def put(self, key: Hashable, record: np.ndarray) -> None:
-        size = _footprint(record)
-        if size > self.budget or key in self._records:
+        """Keep a record the caller took from the pool (it is already counted in ``pool.held``)."""
+        if key in self._records:
+            self.pool.give(record)
             return
-        while self.used + size > self.budget:
-            self.drop(self.policy.choose_victim(self._records.keys()))
         self._records[key] = record
-        self.used += size
         self.policy.accessed(key)
+        # Over budget only if the caller took the buffer without room (a forced, too-small cache).
+        while self.pool.held > self.budget and len(self._records) > 1:
+            victim = self.policy.choose_victim([k for k in self._records if k != key])
+            self.drop(victim)
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._records
 
+    def __len__(self) -> int:
+        return len(self._records)
+
     def drop(self, key: Hashable) -> None:
         record = self._records.pop(key, None)
         if record is not None:
-            self.used -= _footprint(record)
+            self.pool.give(record)
             self.policy.evicted(key)
 
     def clear(self) -> None:
@@ -107,20 +131,17 @@ class LayerSlots:
 
     def install(self, slot: int, expert: int, record: np.ndarray) -> None:
         """Copy an expert record into ``slot``'s rows, then mark the slot valid."""
-        raw = mx.array(record)  # one host->mx copy of the whole record
         for buffer, tensor, start in zip(self.buffers, self.layer.tensors, self.layer.record_offsets):
-            piece = raw[start:start + tensor.expert_nbytes].view(tensor.dtype).reshape(tensor.expert_shape)
-            buffer[slot] = piece  # in place: mlx donates the buffer when nothing else holds it
+            # One tensor at a time: the transient host->mx copy is one piece, not the whole record.
+            piece = mx.array(record[start:start + tensor.expert_nbytes])
+            buffer[slot] = piece.view(tensor.dtype).reshape(tensor.expert_shape)  # in place (donated)
         self.expert_in_slot[slot] = expert
         self.slot_of[expert] = slot
 
-
-def _result_or_none(future: Future) -> np.ndarray | None:
-    """A prefetch's record, or None if its read failed (the demand path then reads it again)."""
-    try:
-        return future.result()
-    except Exception:  # noqa: BLE001 - a failed guess must never fail the step that did not need it
-        return None
+    def copy_out(self, slot: int, record: np.ndarray) -> None:
+        """Copy the expert in ``slot`` back into a record (its bytes as read: installs are exact)."""
+        for buffer, tensor, start in zip(self.buffers, self.layer.tensors, self.layer.record_offsets):
+            record[start:start + tensor.expert_nbytes] = np.asarray(buffer[slot].view(mx.uint8)).reshape(-1)
 
 
 def _verify(layer: ExpertLayer, expert: int, record: np.ndarray) -> None:
@@ -152,16 +173,24 @@ class ExpertStore:
         self.index = index
         self.reader = reader
         self.layers = [LayerSlots(layer, min(num_slots, layer.num_experts), make_policy()) for layer in index.layers]
-        self.ram = RamCache(ram_budget, make_policy())
+        self.pool = RecordPool()
+        #: The RAM cache's budget also holds every record in flight (reads, prefetches, victims).
+        self.ram = RamCache(ram_budget, make_policy(), self.pool)
         self.stats = [LayerStats() for _ in index.layers]
         self.info = dict(info or {})
         self.verify_checksums = verify_checksums
         self._lock = threading.RLock()
         self._executor: ThreadPoolExecutor | None = None
-        self._inflight: dict[tuple[int, int], Future] = {}
+        self._inflight: dict[tuple[int, int], tuple[np.ndarray, Future]] = {}
         #: Prefetched records in the RAM cache that no step has used yet.
         self._prefetched: set[tuple[int, int]] = set()
         self.read_retries = 0
+        #: Records taken beyond the budget (only when a forced, too-small cache_gb left no room).
+        self.over_budget_records = 0
+
+    @property
+    def slot_bytes(self) -> int:
+        return sum(slots.layer.expert_nbytes * slots.num_slots for slots in self.layers)
 
     def ensure(self, layer_number: int, experts: np.ndarray) -> np.ndarray:
         """Make ``experts`` (distinct ids, at most the layer's slot count) resident; return their slots."""
@@ -177,127 +206,170 @@ class ExpertStore:
                     missing.append(expert)
             stats.slot_hits += len(wanted) - len(missing)
             if missing:
-                targets = self._free_slots(slots, set(wanted), len(missing), stats)
-                records = self._fetch(slots.layer, missing, stats)
-                for expert, slot in zip(missing, targets):
-                    slots.install(slot, expert, records[expert])
-                    slots.policy.accessed(slots.key(expert))
+                targets = self._victim_slots(slots, set(wanted), len(missing))
+                records = self._fetch(slots.layer, missing, stats)  # raises before any slot changes
+                try:
+                    for expert, slot in zip(missing, targets):
+                        self._evict_to_ram(slots, slot, stats)
+                        slots.install(slot, expert, records[expert])
+                        slots.policy.accessed(slots.key(expert))
+                finally:
+                    for record in records.values():
+                        self.pool.give(record)  # installed (or abandoned): the slot holds the bytes now
             return np.fromiter((slots.slot_of[e] for e in wanted), dtype=np.uint32, count=len(wanted))
 
-    def _free_slots(self, slots: LayerSlots, pinned: set[int], count: int, stats: LayerStats) -> list[int]:
+    def _victim_slots(self, slots: LayerSlots, pinned: set[int], count: int) -> list[int]:
+        """``count`` slots to fill: empty ones first, then the policy's victims among unpinned experts."""
         free = [s for s, e in enumerate(slots.expert_in_slot) if e == EMPTY][:count]
         candidates = {slots.key(e) for e in slots.slot_of if e not in pinned} if len(free) < count else set()
         while len(free) < count:
             victim_key = slots.policy.choose_victim(candidates)
             candidates.discard(victim_key)
-            _, victim = victim_key
-            slot = slots.slot_of[victim]
-            slots.evict(slot)
-            stats.evictions += 1
-            free.append(slot)
+            free.append(slots.slot_of[victim_key[1]])
         return free
 
+    def _evict_to_ram(self, slots: LayerSlots, slot: int, stats: LayerStats) -> None:
+        """Empty ``slot``; its expert's bytes move to the RAM cache when there is room for them."""
+        expert = slots.expert_in_slot[slot]
+        if expert == EMPTY:
+            return
+        stride = record_stride(slots.layer.read_nbytes)
+        key = slots.key(expert)
+        if self.ram.budget and key not in self.ram and self.ram.make_room(stride):
+            record = self.pool.take(stride)
+            slots.copy_out(slot, record)
+            slots.evict(slot)
+            self.ram.put(key, record)
+            stats.victims_cached += 1
+        else:
+            slots.evict(slot)
+        stats.evictions += 1
+
+    def _take(self, layer: ExpertLayer) -> np.ndarray:
+        """A record buffer for ``layer``, after making room for it in the budget."""
+        stride = record_stride(layer.read_nbytes)
+        if not self.ram.make_room(stride):
+            self.over_budget_records += 1  # a forced cache_gb below the floor: count, do not fail
+        return self.pool.take(stride)
+
     def _fetch(self, layer: ExpertLayer, experts: list[int], stats: LayerStats) -> dict[int, np.ndarray]:
-        """Records of ``experts``: from the RAM cache or a prefetch in flight, else one batch of reads."""
+        """Records of ``experts``, each taken out of the RAM cache, a finished prefetch, or read now.
+
+        The caller gives every returned record back to the pool once installed.
+        """
         self._harvest_prefetches()
         records: dict[int, np.ndarray] = {}
         to_read = []
-        for expert in experts:
-            key = (layer.index, expert)
-            pending = self._inflight.pop(key, None)
-            if pending is not None:
-                record = _result_or_none(pending)  # waits for the read; a failed one is retried below
+        try:
+            for expert in experts:
+                key = (layer.index, expert)
+                pending = self._inflight.pop(key, None)
+                if pending is not None:
+                    record = self._finished(pending)  # waits for the read; a failed one is read again below
+                    if record is not None:
+                        records[expert] = record
+                        stats.ram_hits += 1
+                        stats.prefetch_used += 1
+                        continue
+                record = self.ram.take(key)
                 if record is not None:
-                    self.ram.put(key, record)
                     records[expert] = record
                     stats.ram_hits += 1
-                    stats.prefetch_used += 1
-                    continue
-            record = self.ram.get(key)
-            if record is not None:
-                records[expert] = record
-                stats.ram_hits += 1
-                if key in self._prefetched:
-                    stats.prefetch_used += 1
-                    self._prefetched.discard(key)
-            else:
-                to_read.append(expert)
-        if to_read:
-            self._prefetched.difference_update((layer.index, e) for e in to_read)
-            started = time.perf_counter()
-            fresh = self._read(layer, to_read)  # raises before anything is marked valid
-            stats.read_seconds += time.perf_counter() - started
-            stats.misses += len(to_read)
-            stats.bytes_read += layer.expert_nbytes * len(to_read)
-            for expert, record in fresh.items():
-                self.ram.put((layer.index, expert), record)
-            records.update(fresh)
+                    if key in self._prefetched:
+                        stats.prefetch_used += 1
+                        self._prefetched.discard(key)
+                else:
+                    to_read.append(expert)
+            if to_read:
+                self._prefetched.difference_update((layer.index, e) for e in to_read)
+                buffers = {expert: self._take(layer) for expert in to_read}
+                records.update(buffers)
+                started = time.perf_counter()
+                self._read(layer, buffers)  # raises before anything is marked valid
+                stats.read_seconds += time.perf_counter() - started
+                stats.misses += len(to_read)
+                stats.bytes_read += layer.expert_nbytes * len(to_read)
+        except BaseException:
+            for record in records.values():
+                self.pool.give(record)
+            raise
         return records
 
-    def _read(self, layer: ExpertLayer, experts: list[int]) -> dict[int, np.ndarray]:
-        """Read whole expert records, retrying a failed batch a bounded number of times.
+    def _read(self, layer: ExpertLayer, buffers: dict[int, np.ndarray]) -> None:
+        """Read whole expert records into ``buffers``, retrying a failed batch a bounded number of times.
 
         Disks and network filesystems fail transiently (EIO, short reads); a file that is
         really gone or truncated fails every attempt and the last error is raised.
         """
         for attempt in range(READ_ATTEMPTS):
             try:
-                return self._read_once(layer, experts)
+                return self._read_once(layer, buffers)
             except ExpertReadError:
                 if attempt + 1 == READ_ATTEMPTS:
                     raise
                 self.read_retries += 1
                 time.sleep(RETRY_BACKOFF_SECONDS * (attempt + 1))
-        raise AssertionError("unreachable")
 
-    def _read_once(self, layer: ExpertLayer, experts: list[int]) -> dict[int, np.ndarray]:
+    def _read_once(self, layer: ExpertLayer, buffers: dict[int, np.ndarray]) -> None:
         """Read whole expert records in one reader call (thread safe: touches no cache state)."""
-        buffers = {expert: aligned_empty(layer.read_nbytes) for expert in experts}
         requests = []
         for expert, buffer in buffers.items():
             view = memoryview(buffer)
             for path, offset, length, start in layer.read_ranges(expert):
                 requests.append(ReadRequest(path, offset, length, view[start:start + length]))
         self.reader.read(requests)
-        records = {}
-        for expert, buffer in buffers.items():
-            records[expert] = buffer[:layer.expert_nbytes]
-            if self.verify_checksums:
-                _verify(layer, expert, records[expert])
-        return records
+        if self.verify_checksums:
+            for expert, buffer in buffers.items():
+                _verify(layer, expert, buffer[:layer.expert_nbytes])
 
     def prefetch(self, layer_number: int, experts: Iterable[int]) -> None:
         """Start reading experts of a layer that will probably be needed soon, in the background.
 
-        Finished reads land in the RAM cache, so prefetching needs a RAM-cache budget.
+        Each read takes a record within the budget first (never evicting more than the RAM
+        cache holds), and at most one slot-count of reads per layer is in flight.
         """
         if self.ram.budget == 0:
             return
         with self._lock:
             self._harvest_prefetches()
             slots = self.layers[layer_number]
+            layer = slots.layer
+            in_flight = sum(1 for (number, _) in self._inflight if number == layer_number)
             wanted = [
                 int(e) for e in experts
                 if int(e) not in slots.slot_of and (layer_number, int(e)) not in self._inflight
                 and (layer_number, int(e)) not in self.ram
-            ]
+            ][:max(0, slots.num_slots - in_flight)]
             if not wanted:
                 return
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outlier-prefetch")
-            layer = slots.layer
             stats = self.stats[layer_number]
+            stride = record_stride(layer.read_nbytes)
             for expert in wanted:
-                self._inflight[(layer_number, expert)] = self._executor.submit(
-                    lambda e=expert: self._read(layer, [e])[e]
-                )
+                if not self.ram.make_room(stride):
+                    break  # a guess never pushes the engine past its budget
+                record = self.pool.take(stride)
+                future = self._executor.submit(self._read, layer, {expert: record})
+                self._inflight[(layer_number, expert)] = (record, future)
                 stats.prefetched += 1
                 stats.prefetch_bytes += layer.expert_nbytes
 
+    def _finished(self, pending: tuple[np.ndarray, Future]) -> np.ndarray | None:
+        """A prefetch's record once read; None if the read failed (its buffer goes back to the pool
+        and the demand path reads the expert again: a failed guess never fails a step)."""
+        record, future = pending
+        try:
+            future.result()
+            return record
+        except Exception:  # noqa: BLE001
+            self.pool.give(record)
+            return None
+
     def _harvest_prefetches(self) -> None:
-        """Move finished prefetches into the RAM cache, so they count against its budget."""
-        for key in [k for k, future in self._inflight.items() if future.done()]:
-            record = _result_or_none(self._inflight.pop(key))
+        """Move finished prefetches into the RAM cache (failed ones give their buffer back)."""
+        for key in [k for k, (_, future) in self._inflight.items() if future.done()]:
+            record = self._finished(self._inflight.pop(key))
             if record is not None:
                 self.ram.put(key, record)
                 self._prefetched.add(key)
@@ -306,16 +378,21 @@ class ExpertStore:
         with self._lock:
             self.stats = [LayerStats() for _ in self.layers]
             self.read_retries = 0
+            self.pool.reset_peak()
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
+            held = {"record_bytes_held": self.pool.held, "record_bytes_peak": self.pool.peak_held,
+                    "record_pool_bytes": self.pool.allocated, "slot_bytes": self.slot_bytes,
+                    "engine_bytes_peak": self.slot_bytes + self.pool.peak_held,
+                    "over_budget_records": self.over_budget_records}
             return snapshot(
                 self.stats,
                 [slots.resident for slots in self.layers],
                 [slots.layer.expert_nbytes for slots in self.layers],
                 self.ram.used,
                 {"config": {**self.info, "reader_io": getattr(self.reader, "stats", {})},
-                 "read_retries": self.read_retries},
+                 "read_retries": self.read_retries, "memory": held},
             )
 
     def close(self) -> None:
@@ -323,6 +400,8 @@ class ExpertStore:
             if self._executor is not None:
                 self._executor.shutdown(wait=True, cancel_futures=True)
                 self._executor = None
+            for record, _ in self._inflight.values():
+                self.pool.give(record)
             self._inflight.clear()
             self.ram.clear()
             self.reader.close()

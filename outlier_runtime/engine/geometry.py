@@ -1,0 +1,93 @@
+"""A checkpoint's memory geometry from its headers alone: no weights read, no mlx imported.
+
+Stacked expert tensors are recognised the way mlx-lm stores them: a tensor under a switch
+module (``switch_mlp``, ``experts``, ``switch_glu``) whose first dimension is the config's
+expert count. Everything else is a non-expert weight. The paged loader's exact expert index
+(``engine/experts.py``) finds the same tensors through the model's modules; a test keeps the
+two in agreement.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from outlier_runtime.core.errors import CheckpointError
+from outlier_runtime.core.memory import text_config
+from outlier_runtime.engine.checkpoint import TensorEntry, read_checkpoint
+
+#: Module names under which mlx-lm keeps stacked experts.
+SWITCH_MODULES = ("switch_mlp", "experts", "switch_glu")
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+
+
+@dataclass
+class CheckpointGeometry:
+    """What a checkpoint holds, in bytes."""
+
+    config: dict[str, Any]
+    num_experts: int
+    #: Bytes of one expert, per MoE layer (in layer order).
+    expert_nbytes: list[int]
+    non_expert_bytes: int
+    #: Bytes per element of the activations (and so of the KV cache).
+    activation_bytes: int
+
+    @property
+    def total_expert_bytes(self) -> int:
+        return sum(self.expert_nbytes) * self.num_experts
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read the model's config ({exc}); is this an mlx-lm model "
+                              f"directory?", str(path)) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object", str(path))
+    return config
+
+
+def checkpoint_geometry(model_dir: str | Path, entries: dict[str, TensorEntry] | None = None) -> CheckpointGeometry:
+    """Expert and non-expert bytes of the checkpoint in ``model_dir``, from its headers."""
+    config = read_config(Path(model_dir))
+    entries = read_checkpoint(model_dir) if entries is None else entries
+    text = text_config(config)
+    num_experts = next((int(text[k]) for k in EXPERT_COUNT_KEYS if isinstance(text.get(k), int)), 0)
+    per_layer: dict[str, int] = {}
+    expert_total = 0
+    for name, entry in entries.items():
+        layer = _switch_module(name)
+        if layer is not None and num_experts and entry.shape and entry.shape[0] == num_experts:
+            per_layer[layer] = per_layer.get(layer, 0) + entry.nbytes // num_experts
+            expert_total += entry.nbytes
+    total = sum(entry.nbytes for entry in entries.values())
+    layers = sorted(per_layer, key=_natural)
+    return CheckpointGeometry(config, num_experts, [per_layer[name] for name in layers],
+                              total - expert_total, _activation_bytes(entries))
+
+
+def _switch_module(name: str) -> str | None:
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in SWITCH_MODULES:
+            return ".".join(parts[:i + 1])
+    return None
+
+
+def _natural(path: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in path.split(".")]
+
+
+def _activation_bytes(entries: dict[str, TensorEntry]) -> int:
+    """The embedding's float dtype (its scales when quantized): what activations are computed in."""
+    for suffix in ("embed_tokens.scales", "embed_tokens.weight", "wte.weight", "tok_embeddings.weight"):
+        entry = next((e for name, e in entries.items() if name.endswith(suffix)), None)
+        if entry is not None and entry.dtype in DTYPE_BYTES:
+            return DTYPE_BYTES[entry.dtype]
+    return 2
