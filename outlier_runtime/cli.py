@@ -363,7 +363,7 @@ def new_tier(name: str, base: str, directory: Path | None) -> None:
 @main.command()
 @click.argument("model", default="embedded:demo-moe")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("routing-report"), show_default=True)
-@click.option("--max-tokens", type=int, default=1024, show_default=True, help="Held-out tokens to route.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True, help="Held-out tokens to route.")
 @click.option("--policies", default="lru,lfu", show_default=True, help="Cache-policy plugins to simulate.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def routing(model: str, out_dir: Path, max_tokens: int, policies: str, as_json: bool) -> None:
@@ -465,18 +465,18 @@ def pack(model: str, no_checksums: bool, as_json: bool) -> None:
 @main.command()
 @click.option("--quick", is_flag=True, help="A small geometry: the whole bench in well under two minutes.")
 @click.option("--layers", type=int, help="MoE layers of the benchmark model (default 2; 4 GB of experts each).")
-@click.option("--tokens", type=int, help="Greedy decode tokens per configuration (default 24; --quick 8).")
+@click.option("--tokens", type=click.IntRange(min=1), help="Greedy decode tokens per configuration (default 24; --quick 8).")
 @click.option("--prompt", help="Prompt (raw, no chat template).")
-@click.option("--k-override", type=int, default=20, show_default=True, help="Slots per MoE layer.")
+@click.option("--k-override", type=click.IntRange(min=1), default=20, show_default=True, help="Slots per MoE layer.")
 @click.option("--cache-gb", type=float, help="Slots + RAM cache bound (default: the K slots plus 50%).")
 @click.option("--config", "configs", multiple=True, help="Run only this configuration (repeatable).")
-@click.option("--workers", type=int, help="fanout reader threads.")
-@click.option("--chunk-kib", type=int, help="fanout reader piece size in KiB.")
+@click.option("--workers", type=click.IntRange(min=1), help="fanout reader threads.")
+@click.option("--chunk-kib", type=click.IntRange(min=1), help="fanout reader piece size in KiB.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the benchmark model is built (default: $OUTLIER_HOME/bench-models).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"),
               show_default=True, help="Where <timestamp>.json and .md are written.")
-@click.option("--timeout", type=float, default=900, show_default=True, help="Seconds per configuration.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=900, show_default=True, help="Seconds per configuration.")
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
               help="Rounds of the disk-sensitive configurations; each reports its fastest round.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results JSON instead of the table.")
@@ -505,10 +505,10 @@ def bench(ctx: click.Context, quick: bool, layers: int | None, tokens: int | Non
 
 
 @main.command("sweep-k")
-@click.option("--k", "ks", type=int, multiple=True, help="Slots per layer to try (default 4, 20, 32, 48).")
+@click.option("--k", "ks", type=click.IntRange(min=1), multiple=True, help="Slots per layer to try (default 4, 20, 32, 48).")
 @click.option("--quick", is_flag=True, help="The small --quick geometry of `outlier bench`.")
 @click.option("--layers", type=int, help="MoE layers of the benchmark model (default 2).")
-@click.option("--tokens", type=int, default=16, show_default=True, help="Greedy decode tokens per prompt.")
+@click.option("--tokens", type=click.IntRange(min=1), default=16, show_default=True, help="Greedy decode tokens per prompt.")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt (repeatable; default one).")
 @click.option("--reader", default="fanout", show_default=True, help="Reader plugin name.")
 @click.option("--cache-gb", type=float, help="Slots + RAM cache bound (default: K slots plus 50%, per K).")
@@ -516,7 +516,7 @@ def bench(ctx: click.Context, quick: bool, layers: int | None, tokens: int | Non
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("bench-results/k-sweep"), show_default=True,
               help="Where K_SWEEP_RESULTS.md and k_sweep_K<n>.json are written.")
-@click.option("--timeout", type=float, default=900, show_default=True, help="Seconds per K.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=900, show_default=True, help="Seconds per K.")
 @click.pass_context
 def sweep_k(ctx: click.Context, ks: tuple[int, ...], quick: bool, layers: int | None, tokens: int,
             prompts: tuple[str, ...], reader: str, cache_gb: float | None, cache_dir: Path | None,
