@@ -65,10 +65,49 @@ def tiers(as_json: bool) -> None:
         if row["error"]:
             click.echo(f"{row['name']:<10} INVALID  {row['error']}")
             continue
+        downloaded = f"yes ({_size(row['disk_bytes'])})" if row["downloaded"] else "no"
         click.echo(
             f"{row['name']:<10} {row['display_name']:<8} {row['kind']:<10} {row['disk_gb']:>7.2f} GB disk  "
-            f"runnable: {mark}  ({row['reason']})  {row['model']}"
+            f"downloaded: {downloaded:<12} runnable: {mark}  ({row['reason']})  {row['model']}"
         )
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _pull_target(target: str) -> Any:
+    from outlier_runtime.core.catalog import discover, resolve_tier
+    from outlier_runtime.core.hub_cache import pull_target
+    from outlier_runtime.core.plugin_manager import get_registry
+
+    manifest = resolve_tier(target, get_registry()) if target in discover() else None
+    return pull_target(target, manifest)
+
+
+@main.command()
+@click.argument("target", metavar="TIER|REPO")
+def pull(target: str) -> None:
+    """Download a tier's weights (or a repo's) into the Hugging Face cache; run again to resume."""
+    from outlier_runtime.core.hub_cache import pull as pull_repo
+
+    wanted = _pull_target(target)
+    path = pull_repo(wanted)
+    click.echo(f"{wanted.tier or wanted.repo}: {wanted.repo} is downloaded ({path})")
+
+
+@main.command()
+@click.argument("target", metavar="TIER|REPO")
+def rm(target: str) -> None:
+    """Delete a tier's (or a repo's) downloaded weights from the Hugging Face cache, nothing else."""
+    from outlier_runtime.core.hub_cache import hub_cache_dir, remove
+
+    wanted = _pull_target(target)
+    freed = remove(wanted)
+    if freed is None:
+        click.echo(f"{wanted.tier or wanted.repo}: {wanted.repo} is not downloaded; nothing to remove")
+        return
+    click.echo(f"{wanted.tier or wanted.repo}: removed {wanted.repo} from {hub_cache_dir()}, freed {_size(freed)}")
 
 
 @main.command()
@@ -457,9 +496,7 @@ def pack(model: str, no_checksums: bool, as_json: bool) -> None:
     if as_json:
         _emit_json(summary)
         return
-    size = summary["bytes"]
-    shown = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
-    click.echo(f"packed {summary['file_count']} files, {shown}, in {seconds:.1f} s: {summary['pack']}")
+    click.echo(f"packed {summary['file_count']} files, {_size(summary['bytes'])}, in {seconds:.1f} s: {summary['pack']}")
 
 
 @main.command()

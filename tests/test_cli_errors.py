@@ -32,6 +32,8 @@ BAD_INPUTS: dict[str, list[list[str]]] = {
     "pack": [["EMPTY"], [NOWHERE], ["embedded:nosuch"], ["org/not-downloaded"]],
     "bench": [["--layers", "0"], ["--repeat", "0"], ["--tokens", "0"], ["--k-override", "-1"]],
     "sweep-k": [["--layers", "0"], ["--k", "0"], ["--tokens", "0"]],
+    "pull": [["nosuch"], [], ["nano"], ["org/not-downloaded"]],  # the last two: offline
+    "rm": [["nosuch"], []],
 }
 
 

@@ -55,7 +55,6 @@ def model_directory(path: Path, label: str) -> Path:
 def _from_hub(repo: str, revision: str | None, tier: str | None) -> Path:
     # Imported here: huggingface_hub is only needed when a tier names a repo.
     from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HfHubHTTPError
 
     try:
         # Already in the Hugging Face cache (HF_HOME): no network needed.
@@ -69,18 +68,11 @@ def _from_hub(repo: str, revision: str | None, tier: str | None) -> Path:
         log.info("downloading %s (revision %s)", repo, revision or "main")
         # snapshot_download resumes partial files and shows a tqdm progress bar per file.
         return Path(snapshot_download(repo, revision=revision, allow_patterns=MODEL_FILE_PATTERNS))
-    except (HfHubHTTPError, OSError, ValueError) as exc:
+    except Exception as exc:  # offline, unknown repo, network errors: many types, one answer
         # Hugging Face's own text spans several lines; the log keeps it (-v), the error stays one line.
         log.info("download of %s failed: %s", repo, exc)
         raise ModelNotFoundError(
             f"{who} {repo!r} is not downloaded and could not be fetched ({type(exc).__name__}). "
-            f"Check the repo id, then run `{pull}` when online; or set `[model] path` to a local "
+            f"Run `{pull}` when online (and check the repo id), or set `[model] path` to a local "
             f"mlx-lm model directory (or pass --model PATH)."
-        ) from exc
-    except Exception as exc:  # offline mode and connection errors have many types
-        log.info("download of %s failed: %s", repo, exc)
-        raise ModelNotFoundError(
-            f"{who} {repo!r} is not downloaded and this machine is offline ({type(exc).__name__}). "
-            f"Run `{pull}` when online, or set `[model] path` to a local mlx-lm model directory "
-            f"(or pass --model PATH)."
         ) from exc
