@@ -282,6 +282,35 @@ def run(tier: str, prompt: str, model: str | None, k_override: int | None, cache
 
 
 @main.command()
+@click.argument("tier")
+@_paging_options
+@click.option("--max-tokens", type=int, help="Tokens per reply at most (default: the manifest's).")
+@click.option("--temp", "temperature", type=float, help="Sampling temperature (0 = greedy).")
+@click.option("--top-p", type=float, help="Nucleus sampling threshold.")
+@click.option("--seed", type=int, help="Random seed for sampling.")
+@click.option("--system", "system_prompt", help="System prompt (default: the manifest's).")
+def chat(tier: str, model: str | None, k_override: int | None, cache_gb: float | None, reader: str | None,
+         cache_policy: str | None, mmap_experts: bool | None, experts_per_token: int | None,
+         prefetcher: str | None, settings: tuple[str, ...], force: bool, max_tokens: int | None,
+         temperature: float | None, top_p: float | None, seed: int | None, system_prompt: str | None) -> None:
+    """Talk with TIER: multi-turn, keeping the KV cache between turns (/exit, /clear, /stats)."""
+    import outlier_runtime
+    from outlier_runtime.core.chat_session import ChatSession
+    from outlier_runtime.core.params import check_generation
+    from outlier_runtime.repl import enable_history, run_repl
+
+    options = {k: v for k, v in dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                     seed=seed).items() if v is not None}
+    check_generation("-", **options)  # before loading: a bad flag costs no load time
+    overrides = _overrides(settings, model=model, k_override=k_override, cache_gb=cache_gb, reader=reader,
+                           cache_policy=cache_policy, mmap_experts=mmap_experts,
+                           experts_per_token=experts_per_token, prefetcher=prefetcher)
+    with outlier_runtime.load(tier, force=force, **overrides) as runtime:
+        enable_history()
+        run_repl(ChatSession(runtime, system_prompt=system_prompt, **options))
+
+
+@main.command()
 @click.option("--prompt", default="def read_file(path):\n    with open(path) as f:\n", show_default=True,
               help="Python to complete.")
 @click.option("--max-tokens", type=int, default=48, show_default=True)

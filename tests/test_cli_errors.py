@@ -34,6 +34,7 @@ BAD_INPUTS: dict[str, list[list[str]]] = {
     "sweep-k": [["--layers", "0"], ["--k", "0"], ["--tokens", "0"]],
     "pull": [["nosuch"], [], ["nano"], ["org/not-downloaded"]],  # the last two: offline
     "rm": [["nosuch"], []],
+    "chat": [["nosuch"], ["nano", "--temp", "-1"], ["nano", "--model", "EMPTY", "--force"], []],
 }
 
 
