@@ -235,3 +235,11 @@ def test_listing_commands_import_no_model_library():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_shell_completion_is_what_the_readme_says():
+    from outlier_runtime.cli import main as command
+
+    result = CliRunner().invoke(command, [], prog_name="outlier", env={"_OUTLIER_COMPLETE": "bash_source"})
+    assert result.exit_code == 0
+    assert "_outlier_completion()" in result.stdout and "complete " in result.stdout

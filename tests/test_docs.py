@@ -30,3 +30,10 @@ def test_manifest_key_is_documented(section, key):
     text = (DOCS / "manifest.md").read_text()
     table = text[text.index(f"## `[{section}]`"):]
     assert f"| `{key}` |" in table.split("\n## ")[0]
+
+
+@pytest.mark.parametrize("usage", ["outlier pull nano", "outlier chat nano", "outlier run nano -", "outlier rm nano",
+                                   "outlier --version", "_OUTLIER_COMPLETE=bash_source outlier"])
+def test_readme_shows_the_everyday_commands(usage):
+    readme = (DOCS.parent / "README.md").read_text()
+    assert usage in readme
