@@ -344,10 +344,11 @@ def serve(host: str, port: int, api_key: str | None, preload: str | None, tier_o
           cache_policy: str | None, mmap_experts: bool | None, experts_per_token: int | None,
           prefetcher: str | None, settings: tuple[str, ...], force: bool) -> None:
     """Serve the tiers over an OpenAI-compatible HTTP API (models `outlier-<tier>`)."""
-    from outlier_runtime.serve.server import ServerConfig, parse_tier_overrides, serve as run_server
+    from outlier_runtime.serve.server import ServerConfig, check_bind, parse_tier_overrides, serve as run_server
 
     overrides = parse_tier_overrides(tier_overrides)
     _check_model_paths(overrides)
+    check_bind(host, api_key or None)  # the policy first: a refused host is reported as such
     _check_port_free(host, port)
     if model is not None:
         if preload is None:
