@@ -301,7 +301,7 @@ def chat(tier: str, model: str | None, k_override: int | None, cache_gb: float |
 
     options = {k: v for k, v in dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                      seed=seed).items() if v is not None}
-    check_generation("-", **options)  # before loading: a bad flag costs no load time
+    check_generation(**options)  # before loading: a bad flag costs no load time
     overrides = _overrides(settings, model=model, k_override=k_override, cache_gb=cache_gb, reader=reader,
                            cache_policy=cache_policy, mmap_experts=mmap_experts,
                            experts_per_token=experts_per_token, prefetcher=prefetcher)

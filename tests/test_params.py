@@ -111,3 +111,11 @@ def test_more_experts_per_token_than_the_model_has_is_one_line(tiny):
     result = outlier("run", "plus", "def f(", "--model", model, "--force", "--experts-per-token", "100")
     assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("name", ["max_tokens", "temperature", "top_p"])
+def test_the_bounds_are_the_manifests_own(name):
+    from outlier_runtime.core.manifest import GenerationSection
+    from outlier_runtime.core.params import GenerationParams
+
+    assert GenerationParams.model_fields[name].metadata == GenerationSection.model_fields[name].metadata

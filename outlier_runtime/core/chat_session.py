@@ -34,7 +34,7 @@ class ChatSession:
     """A conversation with a loaded tier; :meth:`send` streams a reply and remembers both sides."""
 
     def __init__(self, runtime: Runtime, *, system_prompt: str | None = None, **options: Any):
-        check_generation("-", **options)  # max_tokens, temperature, top_p, seed: refuse bad ones now
+        check_generation(**options)  # max_tokens, temperature, top_p, seed: refuse bad ones now
         self.runtime = runtime
         self.system_prompt = system_prompt
         self.options = options

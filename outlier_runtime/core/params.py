@@ -24,8 +24,8 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    #: Text, chat messages, or token ids.
-    prompt: Union[str, list[int], list[dict[str, Any]]]
+    #: Text, chat messages, or token ids; None checks the other parameters alone.
+    prompt: Union[str, list[int], list[dict[str, Any]], None] = None
     max_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: Optional[float] = Field(default=None, ge=0)
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
@@ -34,14 +34,14 @@ class GenerationParams(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _not_empty(cls, prompt: Any) -> Any:
-        if not prompt:
+        if prompt is not None and not prompt:
             raise ValueError("empty; give some text (or chat messages) to continue or answer")
         return prompt
 
 
-def check_generation(prompt: Union[str, Sequence[Any]], **options: Any) -> GenerationParams:
+def check_generation(prompt: Union[str, Sequence[Any], None] = None, **options: Any) -> GenerationParams:
     """Validate one call's parameters, raising a one-line ParameterError naming the first bad one."""
-    if not isinstance(prompt, str):
+    if prompt is not None and not isinstance(prompt, str):
         prompt = [item if isinstance(item, int) else dict(item) for item in prompt]
     try:
         return GenerationParams(prompt=prompt, **options)
