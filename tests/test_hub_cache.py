@@ -130,3 +130,14 @@ def test_pull_refuses_a_tier_with_a_local_model(isolated_home):
     (isolated_home / "tiers" / "nano.toml").write_text('[model]\npath = "/models/nano"\n')
     result = outlier("pull", "nano")
     assert result.exit_code == 2 and "reads a local model (/models/nano)" in result.stderr
+
+
+def test_a_tier_on_a_local_directory_is_downloaded_when_its_config_is_there(isolated_home, tiny):
+    (isolated_home / "tiers").mkdir(parents=True)
+    (isolated_home / "tiers" / "nano.toml").write_text(f'[model]\npath = "{tiny("llama")}"\n')
+    (isolated_home / "tiers" / "lite.toml").write_text('[model]\npath = "/nonexistent/lite"\n')
+    (isolated_home / "tiers" / "code.toml").write_text('[model]\npath = "embedded:nosuch"\n')
+    listed = rows()
+    size = sum(f.stat().st_size for f in Path(tiny("llama")).rglob("*") if f.is_file())
+    assert listed["nano"]["downloaded"] is True and listed["nano"]["disk_bytes"] == size
+    assert listed["lite"]["downloaded"] is False and listed["code"]["downloaded"] is False

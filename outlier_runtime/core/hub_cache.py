@@ -81,7 +81,12 @@ def _local_directory(manifest: TierManifest) -> Path | None:
     path = manifest.model.path
     if not path:
         return None
-    return embedded_model(path) if path.startswith(SCHEME) else Path(path).expanduser()
+    if not path.startswith(SCHEME):
+        return Path(path).expanduser()
+    try:
+        return embedded_model(path)
+    except ModelNotFoundError:  # a listing reports it as not downloaded; loading says why
+        return Path(path)
 
 
 def pull_target(target: str, manifest: TierManifest | None) -> PullTarget:
