@@ -94,7 +94,8 @@ def pull_target(target: str, manifest: TierManifest | None) -> PullTarget:
     if manifest is not None:
         if not manifest.model.repo or manifest.model.path:
             raise TierNotFoundError(
-                f"Tier {target!r} reads a local model ({manifest.model.path}); there is nothing to download. "
+                f"Tier {target!r} reads a local model ({manifest.model.path}); it has nothing in the Hugging "
+                f"Face cache to pull or remove. "
                 f"Give a tier whose `[model] repo` is set, or a repo id (org/name)."
             )
         return PullTarget(manifest.model.repo, manifest.model.revision, target, manifest.tier.disk_gb)
