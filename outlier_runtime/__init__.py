@@ -39,8 +39,10 @@ def tiers() -> list[dict[str, Any]]:
     whether its weights are downloaded (``downloaded``, ``disk_bytes``)."""
     from outlier_runtime.core.plugin_manager import get_registry
     from outlier_runtime.core.catalog import list_tiers
+    from outlier_runtime.core.env_flags import check_env_flags
     from outlier_runtime.core.hub_cache import download_status
 
+    check_env_flags()  # the listing reads OUTLIER_MMAP_EXPERTS: refuse a malformed one here too
     statuses = list_tiers(get_registry())
     downloads = download_status([status.manifest for status in statuses])
     return [{**status.to_dict(), **download} for status, download in zip(statuses, downloads)]

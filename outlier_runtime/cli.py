@@ -33,8 +33,8 @@ class _Group(click.Group):
         except Exception as exc:
             if ctx.params.get("verbose"):
                 click.echo(traceback.format_exc(), err=True, nl=False)
-            detail = str(exc).splitlines()[0] if str(exc) else ""
-            click.echo(f"error: {type(exc).__name__}: {detail} (run with -v for the traceback)", err=True)
+            detail = f": {str(exc).splitlines()[0]}" if str(exc).strip() else ""
+            click.echo(f"error: {type(exc).__name__}{detail} (run with -v for the traceback)", err=True)
             sys.exit(1)
 
 

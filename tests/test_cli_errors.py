@@ -71,3 +71,12 @@ def test_an_unexpected_failure_is_one_line_and_exit_1_and_v_shows_the_traceback(
     verbose = CliRunner().invoke(main, ["-v", "tiers"], catch_exceptions=False)
     assert verbose.exit_code == 1
     assert "Traceback (most recent call last)" in verbose.stderr and "disk on fire" in verbose.stderr
+
+
+def test_an_unexpected_failure_without_a_message_names_its_type(monkeypatch):
+    def broken(*args, **kwargs):
+        raise KeyError()
+
+    monkeypatch.setattr("outlier_runtime.tiers", broken)
+    result = CliRunner().invoke(main, ["tiers", "--json"], catch_exceptions=False)
+    assert result.exit_code == 1 and result.stderr == "error: KeyError (run with -v for the traceback)\n"

@@ -97,6 +97,8 @@ def test_a_malformed_boolean_environment_variable_is_one_line_everywhere(monkeyp
     monkeypatch.setenv("OUTLIER_MMAP_EXPERTS", "maybe")
     with pytest.raises(ParameterError, match=r"OUTLIER_MMAP_EXPERTS='maybe': expected 1/0, true/false"):
         outlier_runtime.load("plus")
+    with pytest.raises(ParameterError, match=r"OUTLIER_MMAP_EXPERTS='maybe'"):
+        outlier_runtime.tiers()
     result = outlier("tiers", "--json")
     assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr.startswith("error: environment variable OUTLIER_MMAP_EXPERTS='maybe'")
