@@ -121,3 +121,11 @@ def test_the_bounds_are_the_manifests_own(name):
     from outlier_runtime.core.params import GenerationParams
 
     assert GenerationParams.model_fields[name].metadata == GenerationSection.model_fields[name].metadata
+
+
+def test_load_overrides_get_the_same_check_as_call_parameters():
+    with pytest.raises(ParameterError) as caught:
+        outlier_runtime.load("nano", max_tokens=-5)
+    assert str(caught.value) == "max_tokens (--max-tokens): got -5, expected a number >= 1."
+    with pytest.raises(ParameterError, match=r"^seed \(--seed\): got -1"):
+        outlier_runtime.load("nano", seed=-1)

@@ -24,6 +24,9 @@ from outlier_runtime.core.catalog import check_admission, resolve_tier
 log = logging.getLogger(__name__)
 
 Message = dict[str, Any]
+
+#: load() overrides that are also per-call generation parameters.
+GENERATION_OVERRIDES = ("max_tokens", "temperature", "top_p", "seed")
 Prompt = Union[str, Sequence[Message]]
 
 
@@ -33,6 +36,8 @@ def load(tier: str, *, force: bool = False, **overrides: Any) -> "Runtime":
     ``force=True`` loads even when the machine has less RAM than the tier asks for.
     """
     check_env_flags()
+    # Generation defaults given as overrides get the same check (and message) as per-call values.
+    check_generation(**{k: overrides[k] for k in GENERATION_OVERRIDES if overrides.get(k) is not None})
     registry = get_registry()
     manifest = resolve_tier(tier, registry, overrides)
     check_admission(manifest, force=force)
