@@ -1,7 +1,8 @@
 """Generation parameters: one set of checks for every entry (Python API, CLI flags, server).
 
-The bounds match the manifest's ``[generation]`` section, so a value refused in TOML is
-refused as a keyword, a flag or a request field too, with the same message.
+The bounds are the manifest's ``[generation]`` bounds (a test keeps them equal), so a value
+refused in TOML is refused as a keyword, a flag or a request field too; those three get the same
+one-line message, which names the parameter and its flag.
 """
 
 from __future__ import annotations
