@@ -15,10 +15,12 @@ from typing import Any
 from outlier_runtime.core.errors import (
     AdmissionError,
     CheckpointError,
+    DiskSpaceError,
     ExpertReadError,
     ManifestError,
     ModelNotFoundError,
     OutlierError,
+    ParameterError,
     PluginError,
     RuntimeClosedError,
     TierNotFoundError,
@@ -34,11 +36,17 @@ __version__ = "0.1.0"
 
 
 def tiers() -> list[dict[str, Any]]:
-    """Every known tier, with whether this machine can run it (RAM >= min_ram_gb x 1.15)."""
+    """Every known tier, with whether this machine can run it (RAM >= min_ram_gb x 1.15) and
+    whether its weights are downloaded (``downloaded``, ``disk_bytes``)."""
     from outlier_runtime.core.plugin_manager import get_registry
     from outlier_runtime.core.catalog import list_tiers
+    from outlier_runtime.core.env_flags import check_env_flags
+    from outlier_runtime.core.hub_cache import download_status
 
-    return [status.to_dict() for status in list_tiers(get_registry())]
+    check_env_flags()  # the listing reads OUTLIER_MMAP_EXPERTS: refuse a malformed one here too
+    statuses = list_tiers(get_registry())
+    downloads = download_status([status.manifest for status in statuses])
+    return [{**status.to_dict(), **download} for status, download in zip(statuses, downloads)]
 
 
 def plugins() -> list[dict[str, Any]]:
@@ -53,6 +61,7 @@ __all__ = [
     "CachePolicy",
     "CheckpointError",
     "Chunk",
+    "DiskSpaceError",
     "ExpertReadError",
     "GenerationResult",
     "LoadRequest",
@@ -62,6 +71,7 @@ __all__ = [
     "ModelNotFoundError",
     "NoOptions",
     "OutlierError",
+    "ParameterError",
     "PluginError",
     "PluginOptions",
     "Prefetcher",

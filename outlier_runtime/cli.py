@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 import click
 
-from outlier_runtime.core.errors import OutlierError
+from outlier_runtime.core.errors import OutlierError, ParameterError
 
 
 def _emit_json(data: Any) -> None:
@@ -18,7 +19,8 @@ def _emit_json(data: Any) -> None:
 
 
 class _Group(click.Group):
-    """Turns the project's own errors into a one-line message and exit status 2."""
+    """No traceback from any command: the project's errors are one line and exit 2, anything
+    unexpected one line and exit 1 (``-v`` prints the traceback too)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -26,14 +28,26 @@ class _Group(click.Group):
         except OutlierError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise  # click prints these itself (usage errors: exit 2)
+        except Exception as exc:
+            if ctx.params.get("verbose"):
+                click.echo(traceback.format_exc(), err=True, nl=False)
+            detail = f": {str(exc).splitlines()[0]}" if str(exc).strip() else ""
+            click.echo(f"error: {type(exc).__name__}{detail} (run with -v for the traceback)", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group)
-@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+@click.version_option(package_name="outlier-runtime", prog_name="outlier")
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug); -v also shows tracebacks.")
 def main(verbose: int) -> None:
     """Run local language-model tiers on MLX, including the paged Plus MoE."""
+    from outlier_runtime.core.env_flags import check_env_flags
+
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    check_env_flags()
 
 
 @main.command()
@@ -51,17 +65,59 @@ def tiers(as_json: bool) -> None:
         if row["error"]:
             click.echo(f"{row['name']:<10} INVALID  {row['error']}")
             continue
+        downloaded = f"yes ({_size(row['disk_bytes'])})" if row["downloaded"] else "no"
         click.echo(
             f"{row['name']:<10} {row['display_name']:<8} {row['kind']:<10} {row['disk_gb']:>7.2f} GB disk  "
-            f"runnable: {mark}  ({row['reason']})  {row['model']}"
+            f"downloaded: {downloaded:<12} runnable: {mark}  ({row['reason']})  {row['model']}"
         )
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _pull_target(target: str) -> Any:
+    from outlier_runtime.core.catalog import discover, resolve_tier
+    from outlier_runtime.core.hub_cache import pull_target
+    from outlier_runtime.core.plugin_manager import get_registry
+
+    manifest = resolve_tier(target, get_registry()) if target in discover() else None
+    return pull_target(target, manifest)
+
+
+@main.command()
+@click.argument("target", metavar="TIER|REPO")
+def pull(target: str) -> None:
+    """Download a tier's weights (or a repo's) into the Hugging Face cache; run again to resume."""
+    from outlier_runtime.core.hub_cache import pull as pull_repo
+
+    wanted = _pull_target(target)
+    path = pull_repo(wanted)
+    click.echo(f"{wanted.tier or wanted.repo}: {wanted.repo} is downloaded ({path})")
+
+
+@main.command()
+@click.argument("target", metavar="TIER|REPO")
+def rm(target: str) -> None:
+    """Delete a tier's (or a repo's) downloaded weights from the Hugging Face cache, nothing else."""
+    from outlier_runtime.core.hub_cache import hub_cache_dir, remove
+
+    wanted = _pull_target(target)
+    freed = remove(wanted)
+    if freed is None:
+        click.echo(f"{wanted.tier or wanted.repo}: {wanted.repo} is not downloaded; nothing to remove")
+        return
+    click.echo(f"{wanted.tier or wanted.repo}: removed {wanted.repo} from {hub_cache_dir()}, freed {_size(freed)}")
 
 
 @main.command()
 @click.argument("tier")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def info(tier: str, as_json: bool) -> None:
+@click.option("--toml", "as_toml", is_flag=True, help="Only the merged manifest, as TOML to paste into a user manifest.")
+def info(tier: str, as_json: bool, as_toml: bool) -> None:
     """Show a tier's merged manifest and where it came from."""
+    import tomli_w
+
     from outlier_runtime.core.plugin_manager import get_registry
     from outlier_runtime.core.catalog import admission, discover, resolve_tier
 
@@ -76,15 +132,17 @@ def info(tier: str, as_json: bool) -> None:
     if as_json:
         _emit_json(data)
         return
-    click.echo(f"{manifest.tier.display_name} ({manifest.name}): {manifest.tier.description}")
-    click.echo(f"  from: {', '.join(data['files'])}")
-    click.echo(f"  runnable here: {'yes' if ok else 'no'} ({reason})")
+    # TOML has no null: an unset knob is left out, which is what a manifest says by omission.
+    body = tomli_w.dumps(data["manifest"])
+    if as_toml:
+        click.echo(body, nl=False)
+        return
+    click.echo(f"# {manifest.tier.display_name} ({manifest.name}): {manifest.tier.description}")
+    click.echo(f"# from: {', '.join(data['files'])}")
+    click.echo(f"# runnable here: {'yes' if ok else 'no'} ({reason})")
     if manifest.tier.reference_tok_s is not None:
-        click.echo(f"  product's published decode speed: {manifest.tier.reference_tok_s:g} tok/s (M1 Ultra 64 GB)")
-    for section, values in data["manifest"].items():
-        click.echo(f"  [{section}]")
-        for key, value in values.items():
-            click.echo(f"    {key} = {_toml_literal(value)}")
+        click.echo(f"# the product's published decode speed: {manifest.tier.reference_tok_s:g} tok/s (M1 Ultra 64 GB)")
+    click.echo(body, nl=False)
 
 
 def _paging_options(func: Any) -> Any:
@@ -159,23 +217,29 @@ def _print_stats(result: Any) -> None:
 
 def _run(tier: str, prompt: str, overrides: dict[str, Any], force: bool, max_tokens: int | None,
          temperature: float | None, top_p: float | None, seed: int | None, chat: bool | None,
-         stats: bool, as_json: bool) -> None:
+         stats: bool, as_json: bool, echo: bool | None = None) -> None:
     import time
 
     import outlier_runtime
+    from outlier_runtime.core.params import check_generation
 
+    options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    check_generation(prompt, **options)  # before loading: a bad flag costs no load time
     started = time.perf_counter()
     runtime = outlier_runtime.load(tier, force=force, **overrides)
     if not as_json:
         click.echo(f"-- loaded {runtime.manifest.tier.display_name} in {time.perf_counter() - started:.1f} s", err=True)
     try:
-        options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat)
         if as_json:
-            result = runtime.generate(prompt, **options)
+            result = runtime.generate(prompt, chat=chat, **options)
             _emit_json(result.to_dict())
             return
-        click.echo(prompt, nl=False)
-        for chunk in runtime.stream(prompt, **options):
+        # A raw completion reads on from the prompt, so it is echoed; a chat reply is not,
+        # so that `outlier run TIER PROMPT > reply.txt` holds only the reply.
+        use_chat = runtime.manifest.generation.use_chat_template if chat is None else chat
+        if (not use_chat) if echo is None else echo:
+            click.echo(prompt, nl=False)
+        for chunk in runtime.stream(prompt, chat=chat, **options):
             click.echo(chunk.text, nl=False)
         click.echo()
         result = runtime.last_result
@@ -187,6 +251,13 @@ def _run(tier: str, prompt: str, overrides: dict[str, Any], force: bool, max_tok
         runtime.close()
 
 
+def _read_prompt(prompt: str) -> str:
+    """PROMPT, or standard input when PROMPT is ``-``."""
+    if prompt != "-":
+        return prompt
+    return sys.stdin.read()
+
+
 @main.command()
 @click.argument("tier")
 @click.argument("prompt")
@@ -196,17 +267,49 @@ def _run(tier: str, prompt: str, overrides: dict[str, Any], force: bool, max_tok
 @click.option("--top-p", type=float, help="Nucleus sampling threshold.")
 @click.option("--seed", type=int, help="Random seed for sampling.")
 @click.option("--chat/--raw", default=None, help="Wrap the prompt in the chat template, or not.")
+@click.option("--echo/--no-echo", default=None, help="Print the prompt before the reply (default: in --raw mode only).")
 @click.option("--stats", is_flag=True, help="Print paging statistics per layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON result instead of streaming.")
 def run(tier: str, prompt: str, model: str | None, k_override: int | None, cache_gb: float | None,
         reader: str | None, cache_policy: str | None, mmap_experts: bool | None,
         experts_per_token: int | None, prefetcher: str | None, settings: tuple[str, ...], force: bool, max_tokens: int | None, temperature: float | None,
-        top_p: float | None, seed: int | None, chat: bool | None, stats: bool, as_json: bool) -> None:
-    """Generate from TIER, streaming tokens and printing tok/s."""
+        top_p: float | None, seed: int | None, chat: bool | None, echo: bool | None, stats: bool,
+        as_json: bool) -> None:
+    """Generate from TIER, streaming tokens and printing tok/s. PROMPT `-` reads standard input."""
     overrides = _overrides(settings, model=model, k_override=k_override, cache_gb=cache_gb, reader=reader,
                            cache_policy=cache_policy, mmap_experts=mmap_experts,
                            experts_per_token=experts_per_token, prefetcher=prefetcher)
-    _run(tier, prompt, overrides, force, max_tokens, temperature, top_p, seed, chat, stats, as_json)
+    _run(tier, _read_prompt(prompt), overrides, force, max_tokens, temperature, top_p, seed, chat, stats,
+         as_json, echo)
+
+
+@main.command()
+@click.argument("tier")
+@_paging_options
+@click.option("--max-tokens", type=int, help="Tokens per reply at most (default: the manifest's).")
+@click.option("--temp", "temperature", type=float, help="Sampling temperature (0 = greedy).")
+@click.option("--top-p", type=float, help="Nucleus sampling threshold.")
+@click.option("--seed", type=int, help="Random seed for sampling.")
+@click.option("--system", "system_prompt", help="System prompt (default: the manifest's).")
+def chat(tier: str, model: str | None, k_override: int | None, cache_gb: float | None, reader: str | None,
+         cache_policy: str | None, mmap_experts: bool | None, experts_per_token: int | None,
+         prefetcher: str | None, settings: tuple[str, ...], force: bool, max_tokens: int | None,
+         temperature: float | None, top_p: float | None, seed: int | None, system_prompt: str | None) -> None:
+    """Talk with TIER: multi-turn, keeping the KV cache between turns (/exit, /clear, /stats)."""
+    import outlier_runtime
+    from outlier_runtime.core.chat_session import ChatSession
+    from outlier_runtime.core.params import check_generation
+    from outlier_runtime.repl import enable_history, run_repl
+
+    options = {k: v for k, v in dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                     seed=seed).items() if v is not None}
+    check_generation(**options)  # before loading: a bad flag costs no load time
+    overrides = _overrides(settings, model=model, k_override=k_override, cache_gb=cache_gb, reader=reader,
+                           cache_policy=cache_policy, mmap_experts=mmap_experts,
+                           experts_per_token=experts_per_token, prefetcher=prefetcher)
+    with outlier_runtime.load(tier, force=force, **overrides) as runtime:
+        enable_history()
+        run_repl(ChatSession(runtime, system_prompt=system_prompt, **options))
 
 
 @main.command()
@@ -243,9 +346,12 @@ def serve(host: str, port: int, api_key: str | None, preload: str | None, tier_o
           cache_policy: str | None, mmap_experts: bool | None, experts_per_token: int | None,
           prefetcher: str | None, settings: tuple[str, ...], force: bool) -> None:
     """Serve the tiers over an OpenAI-compatible HTTP API (models `outlier-<tier>`)."""
-    from outlier_runtime.serve.server import ServerConfig, parse_tier_overrides, serve as run_server
+    from outlier_runtime.serve.server import ServerConfig, check_bind, parse_tier_overrides, serve as run_server
 
     overrides = parse_tier_overrides(tier_overrides)
+    _check_model_paths(overrides)
+    check_bind(host, api_key or None)  # the policy first: a refused host is reported as such
+    _check_port_free(host, port)
     if model is not None:
         if preload is None:
             raise click.UsageError("--model needs --tier: which tier should serve it?")
@@ -256,6 +362,37 @@ def serve(host: str, port: int, api_key: str | None, preload: str | None, tier_o
                         experts_per_token=experts_per_token, prefetcher=prefetcher)
     run_server(ServerConfig(host=host, port=port, api_key=api_key or None, force=force,
                             tier_overrides=overrides, paging_overrides=paging, preload=preload))
+
+
+def _check_model_paths(overrides: dict[str, dict[str, Any]]) -> None:
+    """A `--tier-override TIER=PATH` that is not a model directory fails now, not on the first request."""
+    from outlier_runtime.core.resolve import looks_like_repo_id, model_directory
+    from outlier_runtime.embedded import SCHEME
+
+    for tier, values in overrides.items():
+        reference = values.get("model")
+        if isinstance(reference, str) and not reference.startswith(SCHEME) and not looks_like_repo_id(reference):
+            model_directory(Path(reference), f"--tier-override {tier}=PATH:")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port something already listens on, before loading anything (uvicorn would exit 3)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ParameterError(f"--host {host}: cannot resolve it ({exc.strerror}); give an address or host name.") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # As uvicorn binds: SO_REUSEADDR, so a closed connection's TIME_WAIT does not count as in use.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ParameterError(
+                f"--port {port}: {host}:{port} is not available ({exc.strerror}); pick another port "
+                f"or stop what listens there.") from None
 
 
 @main.command()
@@ -322,18 +459,17 @@ def new_tier(name: str, base: str, directory: Path | None) -> None:
 @main.command()
 @click.argument("model", default="embedded:demo-moe")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("routing-report"), show_default=True)
-@click.option("--max-tokens", type=int, default=1024, show_default=True, help="Held-out tokens to route.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True, help="Held-out tokens to route.")
 @click.option("--policies", default="lru,lfu", show_default=True, help="Cache-policy plugins to simulate.")
 @click.option("--plots/--no-plots", default=True, show_default=True,
               help="Draw PNG plots (needs the `plots` extra: matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def routing(model: str, out_dir: Path, max_tokens: int, policies: str, plots: bool, as_json: bool) -> None:
     """Route held-out text through MODEL: expert histograms, overlap, cache hit-rate curves (JSON + PNG)."""
-    from outlier_runtime.embedded import SCHEME, embedded_model
     from outlier_runtime.bench.routing import routing_report
+    from outlier_runtime.core.resolve import resolve_reference
 
-    path = embedded_model(model) if model.startswith(SCHEME) else Path(model)
-    report = routing_report(path, out_dir, max_tokens=max_tokens, plots=plots,
+    report = routing_report(resolve_reference(model), out_dir, max_tokens=max_tokens, plots=plots,
                             policies=[p.strip() for p in policies.split(",") if p.strip()])
     summary = {"out_dir": str(out_dir), "tokens": report["tokens"], "fractions": report["fractions"],
                **report["summary"]}
@@ -379,16 +515,21 @@ def _command_line(ctx: click.Context) -> str:
 
 
 @main.command()
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("model")
 @click.option("--no-checksums", is_flag=True, help="Skip the per-expert CRC32s (faster to write).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary: files, bytes, seconds.")
-def pack(model_dir: Path, no_checksums: bool, as_json: bool) -> None:
-    """Rewrite MODEL_DIR's experts as one aligned record each (one read per miss, O_DIRECT-ready)."""
+def pack(model: str, no_checksums: bool, as_json: bool) -> None:
+    """Rewrite MODEL's experts as one aligned record each (one read per miss, O_DIRECT-ready).
+
+    MODEL is what --model takes: a model directory, a Hugging Face repo id, or embedded:demo-moe."""
     import time
 
     from tqdm import tqdm
 
+    from outlier_runtime.core.resolve import resolve_reference
     from outlier_runtime.engine.pack import pack_model
+
+    model_dir = resolve_reference(model)
 
     bar = tqdm(desc="pack", unit="expert", file=sys.stderr, disable=None)
 
@@ -414,26 +555,24 @@ def pack(model_dir: Path, no_checksums: bool, as_json: bool) -> None:
     if as_json:
         _emit_json(summary)
         return
-    size = summary["bytes"]
-    shown = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
-    click.echo(f"packed {summary['file_count']} files, {shown}, in {seconds:.1f} s: {summary['pack']}")
+    click.echo(f"packed {summary['file_count']} files, {_size(summary['bytes'])}, in {seconds:.1f} s: {summary['pack']}")
 
 
 @main.command()
 @click.option("--quick", is_flag=True, help="A small geometry: the whole bench in well under two minutes.")
 @click.option("--layers", type=int, help="MoE layers of the benchmark model (default 2; 4 GB of experts each).")
-@click.option("--tokens", type=int, help="Greedy decode tokens per configuration (default 24; --quick 8).")
+@click.option("--tokens", type=click.IntRange(min=1), help="Greedy decode tokens per configuration (default 24; --quick 8).")
 @click.option("--prompt", help="Prompt (raw, no chat template).")
-@click.option("--k-override", type=int, default=20, show_default=True, help="Slots per MoE layer.")
+@click.option("--k-override", type=click.IntRange(min=1), default=20, show_default=True, help="Slots per MoE layer.")
 @click.option("--cache-gb", type=float, help="Slots + RAM cache bound (default: the K slots plus 50%).")
 @click.option("--config", "configs", multiple=True, help="Run only this configuration (repeatable).")
-@click.option("--workers", type=int, help="fanout reader threads.")
-@click.option("--chunk-kib", type=int, help="fanout reader piece size in KiB.")
+@click.option("--workers", type=click.IntRange(min=1), help="fanout reader threads.")
+@click.option("--chunk-kib", type=click.IntRange(min=1), help="fanout reader piece size in KiB.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the benchmark model is built (default: $OUTLIER_HOME/bench-models).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"),
               show_default=True, help="Where <timestamp>.json and .md are written.")
-@click.option("--timeout", type=float, default=900, show_default=True, help="Seconds per configuration.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=900, show_default=True, help="Seconds per configuration.")
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
               help="Rounds of the disk-sensitive configurations; each reports its fastest round.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results JSON instead of the table.")
@@ -462,10 +601,10 @@ def bench(ctx: click.Context, quick: bool, layers: int | None, tokens: int | Non
 
 
 @main.command("sweep-k")
-@click.option("--k", "ks", type=int, multiple=True, help="Slots per layer to try (default 4, 20, 32, 48).")
+@click.option("--k", "ks", type=click.IntRange(min=1), multiple=True, help="Slots per layer to try (default 4, 20, 32, 48).")
 @click.option("--quick", is_flag=True, help="The small --quick geometry of `outlier bench`.")
 @click.option("--layers", type=int, help="MoE layers of the benchmark model (default 2).")
-@click.option("--tokens", type=int, default=16, show_default=True, help="Greedy decode tokens per prompt.")
+@click.option("--tokens", type=click.IntRange(min=1), default=16, show_default=True, help="Greedy decode tokens per prompt.")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt (repeatable; default one).")
 @click.option("--reader", default="fanout", show_default=True, help="Reader plugin name.")
 @click.option("--cache-gb", type=float, help="Slots + RAM cache bound (default: K slots plus 50%, per K).")
@@ -473,7 +612,7 @@ def bench(ctx: click.Context, quick: bool, layers: int | None, tokens: int | Non
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("bench-results/k-sweep"), show_default=True,
               help="Where K_SWEEP_RESULTS.md and k_sweep_K<n>.json are written.")
-@click.option("--timeout", type=float, default=900, show_default=True, help="Seconds per K.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=900, show_default=True, help="Seconds per K.")
 @click.pass_context
 def sweep_k(ctx: click.Context, ks: tuple[int, ...], quick: bool, layers: int | None, tokens: int,
             prompts: tuple[str, ...], reader: str, cache_gb: float | None, cache_dir: Path | None,

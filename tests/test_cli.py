@@ -149,3 +149,103 @@ def test_a_tier_too_big_without_force_exits_2_and_suggests_force(monkeypatch, ti
     result = outlier("run", "nano", "hi", "--model", str(tiny("llama")))
     assert result.exit_code == 2
     assert "--force" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_version_prints_the_installed_version():
+    result = outlier("--version")
+    assert result.exit_code == 0
+    assert result.stdout == f"outlier, version {outlier_runtime.__version__}\n"
+
+
+def test_a_prompt_of_dash_is_read_from_standard_input(tiny):
+    model = str(tiny("llama"))
+    piped = CliRunner().invoke(main, ["run", "nano", "-", "--model", model, "--force", "--max-tokens", "3",
+                                      "--raw", "--temp", "0"], input="def f(", catch_exceptions=False)
+    assert piped.exit_code == 0, piped.output
+    direct = outlier("run", "nano", "def f(", "--model", model, "--force", "--max-tokens", "3", "--raw", "--temp", "0")
+    assert piped.stdout == direct.stdout and piped.stdout.startswith("def f(")
+
+
+def test_chat_mode_prints_only_the_reply_unless_echo_is_asked_for(tiny):
+    args = ["run", "nano", "Say hi.", "--model", str(tiny("llama")), "--force", "--max-tokens", "3", "--temp", "0"]
+    with outlier_runtime.load("nano", model=str(tiny("llama")), force=True) as runtime:
+        reply = runtime.generate("Say hi.", max_tokens=3, temperature=0.0).text
+    assert outlier(*args).stdout == f"{reply}\n"
+    assert outlier(*args, "--echo").stdout == f"Say hi.{reply}\n"
+
+
+def test_info_toml_is_a_manifest_that_validates(isolated_home):
+    from outlier_runtime.core.manifest import TierManifest, tomllib
+
+    result = outlier("info", "plus", "--toml")
+    assert result.exit_code == 0
+    manifest = TierManifest.model_validate(tomllib.loads(result.stdout))
+    assert manifest.paging.k_override == 20 and manifest.model.revision is None
+    # The readable form is TOML too (its header lines are comments): no Python reprs.
+    readable = outlier("info", "plus").stdout
+    assert tomllib.loads(readable) == tomllib.loads(result.stdout)
+    assert "None" not in readable and "False" not in readable
+
+
+@pytest.mark.parametrize("name", ["Bad Name!", "_lead", "UPPER", "a/b"])
+def test_new_tier_refuses_a_name_the_manifest_would_refuse(isolated_home, name):
+    result = outlier("new-tier", name)
+    assert result.exit_code == 2
+    assert f"Tier name {name!r} is not a valid `tier.id`" in result.stderr
+    assert not (isolated_home / "tiers").exists() or not list((isolated_home / "tiers").iterdir())
+
+
+def test_serve_refuses_a_tier_override_that_is_not_a_model_directory(tmp_path):
+    result = outlier("serve", "--tier-override", f"nano={tmp_path / 'nowhere'}")
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: --tier-override nano=PATH: {tmp_path / 'nowhere'} does not exist.")
+
+
+def test_serve_refuses_a_port_in_use_before_loading_anything():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = outlier("serve", "--port", str(port))
+    assert result.exit_code == 2
+    assert result.stderr == (f"error: --port {port}: 127.0.0.1:{port} is not available (Address already in use); "
+                             f"pick another port or stop what listens there.\n")
+
+
+def test_pack_takes_the_model_references_that_model_takes(monkeypatch):
+    from outlier_runtime.embedded import demo_moe_path
+
+    packed = []
+
+    def fake_pack_model(model_dir, **kwargs):
+        packed.append(model_dir)
+        raise outlier_runtime.CheckpointError("stop here: the reference resolved")
+
+    monkeypatch.setattr("outlier_runtime.engine.pack.pack_model", fake_pack_model)
+    result = outlier("pack", "embedded:demo-moe")
+    assert result.exit_code == 2 and packed == [demo_moe_path()]
+    offline = outlier("pack", "outlier-tests/not-downloaded")
+    assert offline.exit_code == 2 and "`outlier pull outlier-tests/not-downloaded`" in offline.stderr
+
+
+def test_listing_commands_import_no_model_library():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom outlier_runtime.cli import main\n"
+            "for args in (['tiers', '--json'], ['info', 'plus'], ['plugins'], ['schema']):\n"
+            "    assert CliRunner().invoke(main, args).exit_code == 0, args\n"
+            "print(sorted(m for m in ('mlx_lm', 'transformers', 'torch') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_shell_completion_is_what_the_readme_says():
+    from outlier_runtime.cli import main as command
+
+    result = CliRunner().invoke(command, [], prog_name="outlier", env={"_OUTLIER_COMPLETE": "bash_source"})
+    assert result.exit_code == 0
+    assert "_outlier_completion()" in result.stdout and "complete " in result.stdout

@@ -90,3 +90,10 @@ def test_architecture_lists_every_module():
             assert f"{module.parent.name}/" in tree, module.parent
         else:
             assert module.name in tree, module
+
+
+@pytest.mark.parametrize("usage", ["outlier pull nano", "outlier chat nano", "outlier run nano -", "outlier rm nano",
+                                   "outlier --version", "_OUTLIER_COMPLETE=bash_source outlier"])
+def test_readme_shows_the_everyday_commands(usage):
+    readme = (DOCS.parent / "README.md").read_text()
+    assert usage in readme

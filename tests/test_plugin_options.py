@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from pydantic import Field
 
 import outlier_runtime
-from outlier_runtime import ManifestError, PluginError, PluginOptions, hookimpl
+from outlier_runtime import ManifestError, ParameterError, PluginError, PluginOptions, hookimpl
 from outlier_runtime.cli import main
 from outlier_runtime.core.manifest import tomllib
 from outlier_runtime.core.catalog import resolve_tier
@@ -75,7 +75,7 @@ def test_mmap_from_the_environment_checks_reader_options_against_mmap(isolated_h
 
 def test_a_boolean_environment_variable_refuses_other_words(monkeypatch):
     monkeypatch.setenv("OUTLIER_MMAP_EXPERTS", "maybe")
-    with pytest.raises(ManifestError, match="OUTLIER_MMAP_EXPERTS='maybe': expected 1 or 0"):
+    with pytest.raises(ParameterError, match="OUTLIER_MMAP_EXPERTS=.maybe.: expected 1/0"):
         resolve_tier("plus", get_registry())
 
 

@@ -173,5 +173,5 @@ def test_an_uncached_repo_offline_says_how_to_get_the_weights(tmp_path, monkeypa
         outlier_runtime.load("nano", model="outlier-tests/not-downloaded", force=True)
     message = str(caught.value)
     assert "'outlier-tests/not-downloaded'" in message
-    assert "huggingface-cli download outlier-tests/not-downloaded" in message
-    assert "[model] path" in message and "model=PATH" in message
+    assert "`outlier pull nano`" in message and "\n" not in message
+    assert "[model] path" in message and "--model PATH" in message

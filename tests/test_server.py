@@ -195,3 +195,8 @@ def test_non_loopback_bind_without_a_key_is_refused(monkeypatch):
     result = CliRunner().invoke(cli.main, ["serve", "--host", "0.0.0.0", "--port", "1"])
     assert result.exit_code == 2
     assert "without an API key" in result.output
+
+
+def test_an_empty_prompt_is_a_400_naming_the_prompt(server):
+    error = _error(_post(server, "/completions", {"model": "outlier-nano", "prompt": "", "max_tokens": 2}), 400)
+    assert error["param"] == "prompt" and error["message"].startswith("prompt: empty;")

@@ -26,6 +26,7 @@ from outlier_runtime.core.errors import AdmissionError, ManifestError, TierNotFo
 from outlier_runtime.core.manifest import TierManifest, read_toml, validate_manifest
 from outlier_runtime.core.options import plugin_refs
 from outlier_runtime.core.plugin_manager import Registration, Registry, format_option_errors
+from outlier_runtime.core.resolve import looks_like_repo_id
 
 TIERS_PATH_ENV = "OUTLIER_TIERS_PATH"
 HOME_ENV = "OUTLIER_HOME"
@@ -245,7 +246,7 @@ def overrides_to_data(overrides: dict[str, Any], loader: Registration | None = N
     if "model" in data and "path" in data["model"]:
         # A model override that is not a directory but looks like 'org/name' is a repo id.
         value = str(data["model"]["path"])
-        if not Path(value).expanduser().exists() and value.count("/") == 1 and not value.startswith((".", "/", "~")):
+        if looks_like_repo_id(value):
             data["model"] = {**data["model"], "repo": value, "path": None}
             del data["model"]["path"]
         else:

@@ -41,3 +41,16 @@ class ExpertReadError(CheckpointError):
 
 class RuntimeClosedError(OutlierError):
     """The runtime was closed and can no longer generate."""
+
+
+class ParameterError(OutlierError):
+    """A generation or load parameter is out of range: names it, the value and the range allowed."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        #: The parameter's name (``max_tokens``, ``prompt``, ...), for a server's error body.
+        self.param = param
+
+
+class DiskSpaceError(OutlierError):
+    """The disk lacks the free space a download needs."""

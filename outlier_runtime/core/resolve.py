@@ -1,4 +1,4 @@
-"""Finding a model's weights: a local directory, or a Hugging Face repo id (downloaded with progress)."""
+"""Finding a model's weights: an embedded model, a local directory, or a Hugging Face repo id."""
 
 from __future__ import annotations
 
@@ -20,21 +20,41 @@ def resolve_model(source: ModelSection, tier: str) -> Path:
     if source.path and source.path.startswith(SCHEME):
         return embedded_model(source.path)
     if source.path:
-        path = Path(source.path).expanduser()
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"Tier {tier!r}: model path {path} has no config.json. Point `model.path` at an "
-                f"mlx-lm model directory (config.json, *.safetensors, tokenizer files)."
-            )
-        return path
+        return model_directory(Path(source.path), f"Tier {tier!r}: model path")
     assert source.repo is not None  # the schema guarantees repo or path
     return _from_hub(source.repo, source.revision, tier)
 
 
-def _from_hub(repo: str, revision: str | None, tier: str) -> Path:
+def looks_like_repo_id(reference: str) -> bool:
+    """'org/name' that is not a path on this machine (the rule `--model` follows too)."""
+    return (not Path(reference).expanduser().exists() and reference.count("/") == 1
+            and not reference.startswith((".", "/", "~")))
+
+
+def resolve_reference(reference: str) -> Path:
+    """A model as ``--model`` names it: ``embedded:NAME``, a model directory, or a repo id."""
+    if reference.startswith(SCHEME):
+        return embedded_model(reference)
+    if looks_like_repo_id(reference):
+        return _from_hub(reference, None, None)
+    return model_directory(Path(reference), "model")
+
+
+def model_directory(path: Path, label: str) -> Path:
+    """``path`` if it holds an mlx-lm model (a config.json); else a one-line error saying what to pass."""
+    path = path.expanduser()
+    if not (path / "config.json").is_file():
+        problem = "does not exist" if not path.exists() else "has no config.json"
+        raise ModelNotFoundError(
+            f"{label} {path} {problem}. Give an mlx-lm model directory (config.json, *.safetensors, "
+            f"tokenizer files), a Hugging Face repo id (org/name) or embedded:demo-moe."
+        )
+    return path
+
+
+def _from_hub(repo: str, revision: str | None, tier: str | None) -> Path:
     # Imported here: huggingface_hub is only needed when a tier names a repo.
     from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HfHubHTTPError
 
     try:
         # Already in the Hugging Face cache (HF_HOME): no network needed.
@@ -42,20 +62,17 @@ def _from_hub(repo: str, revision: str | None, tier: str) -> Path:
                                       local_files_only=True))
     except Exception:
         pass
+    who = f"Tier {tier!r}: model" if tier else "Model"
+    pull = f"outlier pull {tier or repo}"
     try:
         log.info("downloading %s (revision %s)", repo, revision or "main")
         # snapshot_download resumes partial files and shows a tqdm progress bar per file.
         return Path(snapshot_download(repo, revision=revision, allow_patterns=MODEL_FILE_PATTERNS))
-    except (HfHubHTTPError, OSError, ValueError) as exc:
+    except Exception as exc:  # offline, unknown repo, network errors: many types, one answer
+        # Hugging Face's own text spans several lines; the log keeps it (-v), the error stays one line.
+        log.info("download of %s failed: %s", repo, exc)
         raise ModelNotFoundError(
-            f"Tier {tier!r}: model {repo!r} is not in the Hugging Face cache and could not be "
-            f"downloaded ({type(exc).__name__}: {exc}). When online, run "
-            f"`huggingface-cli download {repo}`; or put an mlx-lm model directory on disk and set "
-            f"`[model] path` in a user manifest (see `outlier new-tier`) or pass model=PATH."
-        ) from exc
-    except Exception as exc:  # offline mode and connection errors have many types
-        raise ModelNotFoundError(
-            f"Tier {tier!r}: model {repo!r} is not available offline ({type(exc).__name__}: {exc}). "
-            f"Download it when online (`huggingface-cli download {repo}`), or set `[model] path` "
-            f"to a local mlx-lm model directory, or pass model=PATH."
+            f"{who} {repo!r} is not downloaded and could not be fetched ({type(exc).__name__}). "
+            f"Run `{pull}` when online (and check the repo id), or set `[model] path` to a local "
+            f"mlx-lm model directory (or pass --model PATH)."
         ) from exc

@@ -10,9 +10,11 @@ from typing import Any, Generator, Sequence, Union
 
 import mlx.core as mx
 
-from outlier_runtime.core.errors import RuntimeClosedError
+from outlier_runtime.core.env_flags import check_env_flags
+from outlier_runtime.core.errors import ParameterError, RuntimeClosedError
 from outlier_runtime.core.manifest import TierManifest
 from outlier_runtime.core.plugin_manager import get_registry
+from outlier_runtime.core.params import check_generation, token_budget
 from outlier_runtime.core.protocols import LoadedModel, LoadRequest
 from outlier_runtime.core.resolve import resolve_model
 from outlier_runtime.core.results import Chunk, GenerationResult
@@ -22,6 +24,9 @@ from outlier_runtime.core.catalog import check_admission, resolve_tier
 log = logging.getLogger(__name__)
 
 Message = dict[str, Any]
+
+#: load() overrides that are also per-call generation parameters.
+GENERATION_OVERRIDES = ("max_tokens", "temperature", "top_p", "seed")
 Prompt = Union[str, Sequence[Message]]
 
 
@@ -30,6 +35,9 @@ def load(tier: str, *, force: bool = False, **overrides: Any) -> "Runtime":
 
     ``force=True`` loads even when the machine has less RAM than the tier asks for.
     """
+    check_env_flags()
+    # Generation defaults given as overrides get the same check (and message) as per-call values.
+    check_generation(**{k: overrides[k] for k in GENERATION_OVERRIDES if overrides.get(k) is not None})
     registry = get_registry()
     manifest = resolve_tier(tier, registry, overrides)
     check_admission(manifest, force=force)
@@ -100,15 +108,39 @@ class Runtime:
         chat: bool | None = None,
     ) -> Generator[Chunk, None, GenerationResult]:
         """Yield text chunks as they are generated; ``self.last_result`` holds the totals after."""
+        check_generation(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        tokens = self.encode(prompt, chat)
+        return (yield from self.stream_tokens(tokens, max_tokens=max_tokens, temperature=temperature,
+                                              top_p=top_p, seed=seed, stop=stop))
+
+    def stream_tokens(
+        self,
+        tokens: Sequence[int],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        prompt_cache: list[Any] | None = None,
+        cached: int = 0,
+    ) -> Generator[Chunk, None, GenerationResult]:
+        """:meth:`stream` from token ids. With an mlx-lm ``prompt_cache`` that already holds the
+        first ``cached`` tokens, only the rest are prefilled (multi-turn chat)."""
         from mlx_lm import stream_generate
         from mlx_lm.sample_utils import make_sampler
 
+        params = check_generation(list(tokens), max_tokens=max_tokens, temperature=temperature,
+                                  top_p=top_p, seed=seed)
         defaults = self.manifest.generation
-        tokens = self.encode(prompt, chat)
-        budget = defaults.max_tokens if max_tokens is None else max_tokens
-        temp = defaults.temperature if temperature is None else temperature
-        sampler = make_sampler(temp=temp, top_p=defaults.top_p if top_p is None else top_p)
-        seed = defaults.seed if seed is None else seed
+        budget = token_budget(len(tokens), params.max_tokens, defaults.max_tokens, defaults.context_window)
+        temp = defaults.temperature if params.temperature is None else params.temperature
+        sampler = make_sampler(temp=temp, top_p=defaults.top_p if params.top_p is None else params.top_p)
+        seed = defaults.seed if params.seed is None else params.seed
+        new_tokens = list(tokens[cached:])
+        if not new_tokens:
+            raise ParameterError(f"stream_tokens: the cache already holds all {len(tokens)} tokens; "
+                                 f"pass cached < len(tokens) so there is a token to start from.")
         with self._lock:
             loaded = self._require()
             if seed is not None:
@@ -120,8 +152,9 @@ class Runtime:
             # Text that may be the start of a stop string is held back until the next piece
             # decides it, so a stop string split across two tokens is never yielded in part.
             held, hit = "", False
-            for response in stream_generate(loaded.model, loaded.tokenizer, mx.array(tokens),
-                                            max_tokens=budget, sampler=sampler):
+            extra = {} if prompt_cache is None else {"prompt_cache": prompt_cache}
+            for response in stream_generate(loaded.model, loaded.tokenizer, mx.array(new_tokens),
+                                            max_tokens=budget, sampler=sampler, **extra):
                 last = response
                 out_tokens.append(response.token)
                 piece, held, hit = _split_at_stop(held + response.text, stop)

@@ -14,12 +14,19 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
 from outlier_runtime.engine.checkpoint import TensorEntry
 from outlier_runtime.core.errors import CheckpointError
 
-SWITCH_TYPES: tuple[type, ...] = (SwitchGLU, SwitchMLP)
+
+
+def switch_types() -> tuple[type, ...]:
+    """mlx-lm's expert switch module types."""
+    # Imported on use: importing mlx_lm costs about a second (it pulls in transformers), and
+    # listing commands import this module through the plugins without needing it.
+    from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
+
+    return (SwitchGLU, SwitchMLP)
 
 #: Attribute names MoE blocks use for the router's experts-per-token.
 TOP_K_ATTRIBUTES = ("top_k", "num_experts_per_tok", "num_activated_experts")
@@ -67,8 +74,9 @@ def module_at(root: Any, path: str) -> Any:
 def find_switch_modules(model: nn.Module) -> list[SwitchSite]:
     """Every expert switch module of ``model``, in layer order."""
     sites = []
+    types = switch_types()
     for path, module in model.named_modules():
-        if not isinstance(module, SWITCH_TYPES) or not path:
+        if not isinstance(module, types) or not path:
             continue
         parent_path, _, last = path.rpartition(".")
         parent = module_at(model, parent_path)

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from outlier_runtime.core.errors import AdmissionError, OutlierError, TierNotFoundError
+from outlier_runtime.core.errors import AdmissionError, OutlierError, ParameterError, TierNotFoundError
 from outlier_runtime.serve.openai_api import MODEL_PREFIX, ApiError
 from outlier_runtime.core.runtime import Prompt, Runtime
 
@@ -129,6 +129,8 @@ class ModelHost:
             job.emit("done", result)
         except ApiError as exc:
             job.emit("error", exc)
+        except ParameterError as exc:  # the runtime's own checks (an empty prompt, a bad top_p, ...)
+            job.emit("error", ApiError(400, str(exc), param=exc.param))
         except (TierNotFoundError, AdmissionError) as exc:
             job.emit("error", ApiError(400, str(exc), param="model"))
         except OutlierError as exc:

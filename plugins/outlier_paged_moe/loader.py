@@ -8,7 +8,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from outlier_runtime.engine.checkpoint import read_checkpoint
-from outlier_runtime.core.errors import CheckpointError
+from outlier_runtime.core.errors import CheckpointError, ParameterError
 from outlier_runtime.engine.experts import (
     ExpertIndex,
     SwitchSite,
@@ -90,6 +90,12 @@ class PagedMoELoader:
                 log.warning("%s", exc)
                 pack = f"refused: {exc}"
         if paging.experts_per_token is not None:
+            experts = min(layer.num_experts for layer in index.layers)
+            if paging.experts_per_token > experts:
+                raise ParameterError(
+                    f"paging.experts_per_token (--experts-per-token) is {paging.experts_per_token}, but {path} "
+                    f"has {experts} experts per layer; choose 1 to {experts}, or unset it."
+                )
             for site in sites:
                 set_experts_per_token(site, paging.experts_per_token)
 

@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 from pydantic import Field, model_validator
 
-from outlier_runtime import ManifestError, PluginOptions, plugin_ref
+from outlier_runtime import PluginOptions, plugin_ref
+from outlier_runtime.core.env_flags import env_flag
 
 MMAP_ENV = "OUTLIER_MMAP_EXPERTS"
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
-
-
-def env_flag(name: str) -> bool | None:
-    """A boolean environment variable: unset is None; anything but 1/0/true/false/yes/no/on/off is an error."""
-    value = os.environ.get(name)
-    if value is None:
-        return None
-    text = value.strip().lower()
-    if text in _TRUE | _FALSE:
-        return text in _TRUE
-    raise ManifestError(f"environment variable {name}={value!r}: expected 1 or 0 (or true/false); "
-                        f"fix or unset it.")
 
 
 class PagedMoEOptions(PluginOptions):
