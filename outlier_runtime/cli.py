@@ -327,7 +327,7 @@ def demo(prompt: str, max_tokens: int, k_override: int, cache_gb: float, reader:
     """Run the Plus tier's paged engine on the embedded demo MoE (no download) and show stats."""
     overrides = _overrides(model="embedded:demo-moe", k_override=k_override, cache_gb=cache_gb,
                            reader=reader, cache_policy=cache_policy)
-    _run("plus", prompt, overrides, True, max_tokens, 0.0, None, None, False, True, as_json)
+    _run("plus", prompt, overrides, False, max_tokens, 0.0, None, None, False, True, as_json)
 
 
 @main.command()

@@ -72,7 +72,8 @@ def test_schema_prints_the_manifest_json_schema():
     assert {"tier", "model", "loader", "generation", "paging"} <= set(schema["properties"])
     # [paging] is the paged_moe loader's options table, described by that plugin's own model.
     paging = schema["$defs"][schema["properties"]["paging"]["$ref"].rsplit("/", 1)[-1]]
-    assert paging["properties"]["cache_gb"]["minimum"] == 0
+    assert {"type": "number", "minimum": 0} in paging["properties"]["cache_gb"]["anyOf"]
+    assert {"const": "auto"} in paging["properties"]["cache_gb"]["anyOf"]
     assert paging["additionalProperties"] is False
     # Every registered plugin's options are in the schema, by kind and name.
     plugins = schema["x-plugin-options"]
@@ -175,12 +176,16 @@ def test_chat_mode_prints_only_the_reply_unless_echo_is_asked_for(tiny):
 
 
 def test_info_toml_is_a_manifest_that_validates(isolated_home):
-    from outlier_runtime.core.manifest import TierManifest, tomllib
+    from outlier_runtime.core.catalog import resolve_plugin_options
+    from outlier_runtime.core.manifest import tomllib, validate_manifest
 
     result = outlier("info", "plus", "--toml")
     assert result.exit_code == 0
-    manifest = TierManifest.model_validate(tomllib.loads(result.stdout))
-    assert manifest.paging.k_override == 20 and manifest.model.revision is None
+    manifest = validate_manifest(tomllib.loads(result.stdout), "info --toml")
+    manifest = resolve_plugin_options(manifest, "info --toml", get_registry())
+    assert manifest.loader_options.k_override == 20 and manifest.model.revision is None
+    # Every option of the loader is written out, defaults included: a complete manifest to edit.
+    assert set(tomllib.loads(result.stdout)["paging"]) >= {"k_override", "cache_gb", "reader", "use_pack"}
     # The readable form is TOML too (its header lines are comments): no Python reprs.
     readable = outlier("info", "plus").stdout
     assert tomllib.loads(readable) == tomllib.loads(result.stdout)

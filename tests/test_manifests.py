@@ -78,7 +78,7 @@ def test_exactly_the_seven_builtin_tiers_are_listed():
 def test_plus_pages_experts_with_the_products_knobs():
     paging = resolve("plus").loader_options
     assert paging.k_override == 20
-    assert paging.cache_gb == 8.0
+    assert paging.cache_gb == "auto"  # sized from available memory at load (an explicit number wins)
     assert paging.mmap_experts is False
     assert paging.lazy_load is True
     assert (paging.reader, paging.cache_policy) == ("pread", "lru")
@@ -106,7 +106,7 @@ INVALID = [
     ("unknown key in a section", "plus.toml", "[paging]\ncache_size = 2\n", "plus",
      ["`paging.cache_size`", "unknown key"]),
     ("wrong type", "plus.toml", '[paging]\ncache_gb = "lots"\n', "plus",
-     ["`paging.cache_gb`", "'lots'", "valid number"]),
+     ["`paging.cache_gb`", "'lots'", "a number >= 0 (GB) or \"auto\""]),
     ("wrong type for a table", "plus.toml", "paging = 3\n", "plus",
      ["`paging`", "3"]),
     ("negative cache_gb", "plus.toml", "[paging]\ncache_gb = -1\n", "plus",

@@ -12,6 +12,7 @@ from outlier_runtime import PluginError, hookimpl
 from outlier_runtime.core.guard import GuardedPolicy, PluginGuard
 from outlier_runtime.core.plugin_manager import get_registry, register_plugin
 from outlier_cache_lru import LRUPolicy
+from outlier_paged_moe.records import RecordPool
 from outlier_paged_moe.store import RamCache
 
 from helpers import assert_slots_hold_true_experts, paged_store
@@ -133,13 +134,14 @@ def test_a_pinned_victim_is_refused_and_the_pinned_expert_stays(tiny):
 
 @pytest.mark.parametrize("name", ["wrong-victim", "raising", "returns-none"])
 def test_a_broken_policy_in_the_ram_cache_fails_instead_of_looping(name):
-    cache = RamCache(budget=2 * 4096, policy=GuardedPolicy(BROKEN[name](), PluginGuard("cache_policy", name, "t", None)))
-    record = np.zeros(4096, dtype=np.uint8)
-    cache.put((0, 1), record)
-    cache.put((0, 2), record.copy())
+    pool = RecordPool()
+    policy = GuardedPolicy(BROKEN[name](), PluginGuard("cache_policy", name, "t", None))
+    cache = RamCache(budget=2 * 4096, policy=policy, pool=pool)
+    cache.put((0, 1), pool.take(4096))
+    cache.put((0, 2), pool.take(4096))
     with pytest.raises(PluginError, match=f"cache policy {name!r}"):
-        cache.put((0, 3), record.copy())
-    assert cache.used == 2 * 4096 and (0, 1) in cache and (0, 2) in cache and (0, 3) not in cache
+        cache.make_room(4096)  # full: a third record needs a victim
+    assert pool.held == cache.used == 2 * 4096 and (0, 1) in cache and (0, 2) in cache
 
 
 def test_an_exception_in_a_register_hook_names_the_plugin():

@@ -12,6 +12,7 @@ defining the same tier are an error: which one wins would depend on directory or
 from __future__ import annotations
 
 import copy
+import logging
 import importlib.resources
 import os
 from dataclasses import dataclass
@@ -22,11 +23,15 @@ import psutil
 
 from pydantic import BaseModel, ValidationError
 
-from outlier_runtime.core.errors import AdmissionError, ManifestError, TierNotFoundError
+from outlier_runtime.core.errors import AdmissionError, ManifestError, OutlierError, TierNotFoundError
 from outlier_runtime.core.manifest import TierManifest, read_toml, validate_manifest
+from outlier_runtime.core.memory import MemoryPlan
 from outlier_runtime.core.options import plugin_refs
 from outlier_runtime.core.plugin_manager import Registration, Registry, format_option_errors
-from outlier_runtime.core.resolve import looks_like_repo_id
+from outlier_runtime.core.protocols import LoadRequest
+from outlier_runtime.core.resolve import local_model, looks_like_repo_id
+
+log = logging.getLogger(__name__)
 
 TIERS_PATH_ENV = "OUTLIER_TIERS_PATH"
 HOME_ENV = "OUTLIER_HOME"
@@ -301,6 +306,7 @@ class TierStatus:
     runnable: bool
     reason: str
     error: str | None = None
+    plan: MemoryPlan | None = None
 
     def to_dict(self) -> dict[str, Any]:
         m = self.manifest
@@ -316,14 +322,37 @@ class TierStatus:
             "reference_tok_s": m.tier.reference_tok_s if m else None,
             "image_input": m.model.image_input if m else None,
             "runnable": self.runnable,
+            "memory_plan": self.plan.to_dict() if self.plan else None,
             "reason": self.reason,
             "error": self.error,
             "files": [str(f) for f in self.files],
         }
 
 
-def admission(manifest: TierManifest, ram_gb: float | None = None) -> tuple[bool, str]:
-    """Can this machine run the tier? RAM must be at least min_ram_gb x 1.15."""
+def memory_plan(manifest: TierManifest, registry: Registry, model_path: Path | None = None) -> MemoryPlan | None:
+    """The loader's memory plan for this tier, when its loader plans memory and the model is on
+    disk (``model_path``, or found without downloading); None otherwise."""
+    registration = registry.get("loader", manifest.loader.name)
+    loader = registry.create("loader", manifest.loader.name)
+    planner = getattr(loader, "plan_memory", None)
+    if planner is None:
+        return None
+    path = model_path or local_model(manifest.model)
+    if path is None:
+        return None
+    return registration.guard.call("plan_memory", planner, LoadRequest(manifest, path, manifest.loader_options))
+
+
+def plans_memory(manifest: TierManifest, registry: Registry) -> bool:
+    return hasattr(registry.create("loader", manifest.loader.name), "plan_memory")
+
+
+def admission(manifest: TierManifest, ram_gb: float | None = None,
+              plan: MemoryPlan | None = None) -> tuple[bool, str]:
+    """Can this machine run the tier? By the loader's memory plan when there is one; else RAM must
+    be at least min_ram_gb x 1.15 (the tier's headline figure, also used before a download)."""
+    if plan is not None:
+        return plan.fits, plan.reason()
     ram = total_ram_gb() if ram_gb is None else ram_gb
     needed = manifest.tier.min_ram_gb * ADMISSION_SLACK
     if ram >= needed:
@@ -334,13 +363,15 @@ def admission(manifest: TierManifest, ram_gb: float | None = None) -> tuple[bool
     )
 
 
-def check_admission(manifest: TierManifest, force: bool = False) -> None:
-    ok, reason = admission(manifest)
-    if not ok and not force:
-        raise AdmissionError(
-            f"Tier {manifest.name!r} {reason}. Pick a smaller tier (`outlier tiers`), "
-            f"or pass force=True (CLI: --force) to try anyway."
-        )
+def check_admission(manifest: TierManifest, force: bool = False, plan: MemoryPlan | None = None) -> None:
+    ok, reason = admission(manifest, plan=plan)
+    if ok:
+        return
+    if force:
+        log.warning("tier %s: %s; loading anyway (force)", manifest.name, reason)
+        return
+    fix = f"Change {plan.knob}" if plan is not None else "Pick a smaller tier (`outlier tiers`)"
+    raise AdmissionError(f"Tier {manifest.name!r}: {reason}. {fix}, or pass force=True (CLI: --force) to try anyway.")
 
 
 def list_tiers(registry: Registry) -> list[TierStatus]:
@@ -352,6 +383,11 @@ def list_tiers(registry: Registry) -> list[TierStatus]:
         except ManifestError as exc:
             statuses.append(TierStatus(None, name, source.files, False, "invalid manifest", str(exc)))
             continue
-        ok, reason = admission(manifest)
-        statuses.append(TierStatus(manifest, name, source.files, ok, reason))
+        try:
+            plan = memory_plan(manifest, registry)
+        except OutlierError as exc:  # a broken checkpoint on disk: listed, with why
+            statuses.append(TierStatus(manifest, name, source.files, False, str(exc)))
+            continue
+        ok, reason = admission(manifest, plan=plan)
+        statuses.append(TierStatus(manifest, name, source.files, ok, reason, plan=plan))
     return statuses

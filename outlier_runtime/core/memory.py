@@ -38,6 +38,8 @@ class MemoryPlan:
     headroom_bytes: int
     #: Why the plan chose what it chose (e.g. how ``cache_gb = "auto"`` was sized).
     notes: list[str] = field(default_factory=list)
+    #: What the user should know before loading (e.g. fewer slots than asked for).
+    warnings: list[str] = field(default_factory=list)
     #: A problem that makes the plan impossible whatever memory is free (e.g. cache below one slot).
     problem: str | None = None
     #: What to change when it does not fit.
@@ -69,6 +71,7 @@ class MemoryPlan:
             "fits": self.fits,
             "reason": self.reason(),
             "notes": list(self.notes),
+            "warnings": list(self.warnings),
             "problem": self.problem,
         }
 

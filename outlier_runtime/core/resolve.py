@@ -25,6 +25,25 @@ def resolve_model(source: ModelSection, tier: str) -> Path:
     return _from_hub(source.repo, source.revision, tier)
 
 
+def local_model(source: ModelSection) -> Path | None:
+    """The model's directory if it is on this machine already (never downloads); else None."""
+    if source.path and source.path.startswith(SCHEME):
+        try:
+            return embedded_model(source.path)
+        except ModelNotFoundError:
+            return None
+    if source.path:
+        path = Path(source.path).expanduser()
+        return path if (path / "config.json").is_file() else None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source.repo, revision=source.revision, allow_patterns=MODEL_FILE_PATTERNS,
+                                      local_files_only=True))
+    except Exception:  # not in the cache (many error types): not local
+        return None
+
+
 def looks_like_repo_id(reference: str) -> bool:
     """'org/name' that is not a path on this machine (the rule `--model` follows too)."""
     return (not Path(reference).expanduser().exists() and reference.count("/") == 1

@@ -13,13 +13,14 @@ import mlx.core as mx
 from outlier_runtime.core.env_flags import check_env_flags
 from outlier_runtime.core.errors import ParameterError, RuntimeClosedError
 from outlier_runtime.core.manifest import TierManifest
+from outlier_runtime.core.memory import MemoryPlan
 from outlier_runtime.core.plugin_manager import get_registry
 from outlier_runtime.core.params import check_generation, token_budget
 from outlier_runtime.core.protocols import LoadedModel, LoadRequest
 from outlier_runtime.core.resolve import resolve_model
 from outlier_runtime.core.results import Chunk, GenerationResult
 from outlier_runtime.core.system import peak_rss_bytes
-from outlier_runtime.core.catalog import check_admission, resolve_tier
+from outlier_runtime.core.catalog import check_admission, memory_plan, plans_memory, resolve_tier
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +41,28 @@ def load(tier: str, *, force: bool = False, **overrides: Any) -> "Runtime":
     check_generation(**{k: overrides[k] for k in GENERATION_OVERRIDES if overrides.get(k) is not None})
     registry = get_registry()
     manifest = resolve_tier(tier, registry, overrides)
-    check_admission(manifest, force=force)
-    model_path = resolve_model(manifest.model, manifest.name)
+    plan = None
+    if plans_memory(manifest, registry):
+        # The plan reads the checkpoint's headers: the model must be on disk first.
+        model_path = resolve_model(manifest.model, manifest.name)
+        plan = memory_plan(manifest, registry, model_path)
+        for note in plan.notes:
+            log.info("tier %s: %s", manifest.name, note)
+        for warning in plan.warnings:
+            log.warning("tier %s: %s", manifest.name, warning)
+        check_admission(manifest, force=force, plan=plan)
+    else:
+        check_admission(manifest, force=force)
+        model_path = resolve_model(manifest.model, manifest.name)
     loader = registry.create("loader", manifest.loader.name)
     log.info("loading tier %s from %s with loader %s", manifest.name, model_path, manifest.loader.name)
     started = time.perf_counter()
     loaded = registry.get("loader", manifest.loader.name).guard.call(
         "load", loader.load, LoadRequest(manifest, model_path, manifest.loader_options))
     log.info("loaded in %.2f s", time.perf_counter() - started)
-    return Runtime(manifest, loaded)
+    runtime = Runtime(manifest, loaded)
+    runtime.memory_plan = plan
+    return runtime
 
 
 class Runtime:
@@ -59,6 +73,8 @@ class Runtime:
         self._loaded: LoadedModel | None = loaded
         self._lock = threading.Lock()
         self.last_result: GenerationResult | None = None
+        #: The loader's memory plan this tier was admitted with (paged tiers), else None.
+        self.memory_plan: MemoryPlan | None = None
 
     @property
     def name(self) -> str:

@@ -20,9 +20,12 @@ from outlier_runtime.engine.experts import (
 from outlier_runtime.engine.pack import attach_pack
 from outlier_runtime.core.plugin_manager import get_registry
 from outlier_runtime.core.guard import GuardedPrefetcher
+from outlier_runtime.core.memory import (MemoryPlan, apply_wired_limit, available_bytes, headroom_bytes,
+                                         kv_cache_bytes)
+from outlier_runtime.engine.geometry import checkpoint_geometry
 from outlier_runtime.core.protocols import LoadedModel, LoadRequest
 
-from .options import PagedMoEOptions
+from .memory import ExpertLayout, PagedBudget, plan_paged
 from .store import ExpertStore, LayerSlots
 from .switch import PagedSwitch
 
@@ -31,20 +34,11 @@ log = logging.getLogger(__name__)
 GB = 1e9
 
 
-def plan_memory(index: ExpertIndex, paging: PagedMoEOptions) -> tuple[int, int]:
-    """Slots per layer and RAM-cache bytes such that slots + cache <= cache_gb.
-
-    Slots come first (they are what computes); a cache too small for ``k_override`` slots
-    in every layer gets fewer, never fewer than one per layer (the floor needed to compute).
-    """
-    budget = int(paging.cache_gb * GB)
-    per_slot_row = sum(layer.expert_nbytes for layer in index.layers)  # one slot in every layer
-    most_experts = max(layer.num_experts for layer in index.layers)
-    slots = min(paging.k_override, most_experts)
-    if slots * per_slot_row > budget:
-        slots = max(1, budget // per_slot_row)
-    slot_bytes = sum(layer.expert_nbytes * min(slots, layer.num_experts) for layer in index.layers)
-    return slots, max(0, budget - slot_bytes)
+def _budget(request: LoadRequest, layout: ExpertLayout, non_expert_bytes: int, activation_bytes: int,
+            config: dict) -> PagedBudget:
+    context = request.manifest.generation.context_window
+    kv = kv_cache_bytes(config, context, activation_bytes)
+    return plan_paged(request.options, layout, non_expert_bytes, kv, context, available_bytes(), headroom_bytes())
 
 
 def _install_slot_buffers(site: SwitchSite, slots: LayerSlots) -> None:
@@ -65,6 +59,16 @@ def _prefetch_next(store: ExpertStore, prefetcher: GuardedPrefetcher, number: in
 
 class PagedMoELoader:
     """Loads non-expert weights, keeps stacked expert tensors on disk, pages experts per token."""
+
+    def plan_memory(self, request: LoadRequest) -> MemoryPlan:
+        """The memory plan from the checkpoint's headers and config (no weights read, no mlx_lm)."""
+        geometry = checkpoint_geometry(request.model_path)
+        if not geometry.expert_nbytes:
+            raise CheckpointError(f"{request.model_path}: no stacked expert tensors found; use the 'dense' "
+                                  f"loader for it", str(request.model_path))
+        count = len(geometry.expert_nbytes)
+        layout = ExpertLayout([geometry.num_experts] * count, geometry.expert_nbytes, geometry.expert_nbytes)
+        return _budget(request, layout, geometry.non_expert_bytes, geometry.activation_bytes, geometry.config).plan
 
     def load(self, request: LoadRequest) -> LoadedModel:
         import mlx_lm
@@ -102,14 +106,21 @@ class PagedMoELoader:
         registry = get_registry()
         reader_name = paging.reader  # mmap_experts = true already made it "mmap"
         reader = registry.create("reader", reader_name, paging.reader_options)
-        num_slots, ram_budget = plan_memory(index, paging)
         expert_names = index.expert_tensor_names
         non_expert_bytes = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if k not in expert_names)
+        layout = ExpertLayout([layer.num_experts for layer in index.layers],
+                              [layer.expert_nbytes for layer in index.layers],
+                              [layer.read_nbytes for layer in index.layers])
+        geometry = checkpoint_geometry(path, entries)
+        budget = _budget(request, layout, non_expert_bytes, geometry.activation_bytes, geometry.config)
+        num_slots, ram_budget = budget.slots_per_layer, budget.ram_budget
         info = {
             "k_override": paging.k_override,
             "slots_per_layer": num_slots,
             "cache_gb": paging.cache_gb,
+            "cache_bytes": budget.cache_bytes,
             "ram_cache_budget_bytes": ram_budget,
+            "memory_plan": budget.plan.to_dict(),
             "reader": reader_name,
             "cache_policy": paging.cache_policy,
             "experts_per_token": paging.experts_per_token,
@@ -137,6 +148,8 @@ class PagedMoELoader:
                 prefetch = _prefetch_next(store, prefetcher, number, sites[number + 1])
             site.replace(PagedSwitch(site.module, store, number, prefetch))
         mx.eval([slots.buffers for slots in store.layers])
+        # On Metal, keep the slots and non-expert weights wired, as mlx-lm's generate does.
+        info["wired_limit_bytes"] = apply_wired_limit(store.slot_bytes + non_expert_bytes)
         if not paging.lazy_load:
             mx.eval(model.parameters())  # read every non-expert weight now, not on first use
         log.info(

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Annotated, Any, Optional, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, PlainValidator, WithJsonSchema, model_validator
 
 from outlier_runtime import PluginOptions, plugin_ref
 from outlier_runtime.core.env_flags import env_flag
@@ -12,12 +12,27 @@ from outlier_runtime.core.env_flags import env_flag
 MMAP_ENV = "OUTLIER_MMAP_EXPERTS"
 
 
+def _cache_gb(value: Any) -> float | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    raise ValueError('expected a number >= 0 (GB) or "auto"')
+
+
+#: A size in GB, or "auto" (sized from available memory).
+CacheGB = Annotated[Union[float, str], PlainValidator(_cache_gb),
+                    WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0}, {"const": "auto"}]})]
+
+
 class PagedMoEOptions(PluginOptions):
     """The paged engine's knobs: the product's, plus ours."""
 
     k_override: int = Field(default=20, ge=1, description="Compute-ready expert slots per MoE layer.")
-    cache_gb: float = Field(default=8.0, ge=0,
-                            description="Upper bound on all expert bytes held: slots plus RAM cache (GB = 1e9 bytes).")
+    cache_gb: CacheGB = Field(
+        default="auto",
+        description="Upper bound on every expert byte held: slots, RAM cache and reads in flight (GB = 1e9 "
+                    "bytes); \"auto\" sizes it from available memory, leaving headroom.")
     mmap_experts: bool = Field(
         default=False,
         description=f"Read experts through mmap: shorthand for reader = 'mmap' ({MMAP_ENV}=1/0 overrides).",

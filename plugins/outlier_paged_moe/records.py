@@ -17,7 +17,7 @@ import numpy as np
 from outlier_runtime.engine.buffers import DIRECT_IO_ALIGNMENT, aligned_empty, round_up
 
 #: A slab holds at least this many bytes of records (fewer, larger allocations).
-SLAB_BYTES = 4 * 1024 * 1024
+SLAB_BYTES = 1024 * 1024
 
 
 def record_stride(read_nbytes: int) -> int:
