@@ -41,3 +41,7 @@ class ExpertReadError(CheckpointError):
 
 class RuntimeClosedError(OutlierError):
     """The runtime was closed and can no longer generate."""
+
+
+class ExactnessError(OutlierError):
+    """The paged engine cannot run a call the way the resident model would (so it refuses)."""

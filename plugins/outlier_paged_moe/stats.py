@@ -17,6 +17,8 @@ class LayerStats:
     read_seconds: float = 0.0
     evictions: int = 0
     passes: int = 0
+    #: Copies of real token-expert pairs added so a pass runs the resident model's kernel.
+    padded_rows: int = 0
     prefetched: int = 0
     prefetch_bytes: int = 0
     prefetch_used: int = 0
