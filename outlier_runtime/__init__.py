@@ -15,6 +15,7 @@ from typing import Any
 from outlier_runtime.core.errors import (
     AdmissionError,
     CheckpointError,
+    ExactnessError,
     ExpertReadError,
     ManifestError,
     ModelNotFoundError,
@@ -40,6 +41,16 @@ def tiers() -> list[dict[str, Any]]:
     return [status.to_dict() for status in list_tiers(get_registry())]
 
 
+def verify(model: str | None = None, **options: Any) -> Any:
+    """Check the paged engine against stock mlx-lm on this machine, bit for bit; returns a report.
+
+    ``report.identical`` is the verdict, ``report.table()`` the details (see docs/api.md).
+    """
+    from outlier_runtime.verification import verify as run_verify
+
+    return run_verify(model, **options)
+
+
 def plugins() -> list[dict[str, Any]]:
     """Every loaded plugin, the distribution it came from, and what it registers."""
     from outlier_runtime.core.plugin_manager import plugin_infos
@@ -52,6 +63,7 @@ __all__ = [
     "CachePolicy",
     "CheckpointError",
     "Chunk",
+    "ExactnessError",
     "ExpertReadError",
     "GenerationResult",
     "LoadRequest",
@@ -72,4 +84,5 @@ __all__ = [
     "load",
     "plugins",
     "tiers",
+    "verify",
 ]

@@ -194,3 +194,15 @@ def engine_backend(device_type: str) -> Backend:
     keep every Metal condition, but CUDA's own dispatch has not been checked.
     """
     return CPU if device_type == "cpu" else GPU
+
+
+def device_rule() -> tuple[Backend, bool]:
+    """(backend, nax) of mlx's default device: the rule its calls are planned by."""
+    import platform
+
+    import mlx.core as mx
+
+    backend = engine_backend(mx.default_device().type.name)
+    if backend != GPU or not mx.metal.is_available():
+        return backend, False
+    return backend, metal_has_nax(str(mx.device_info().get("architecture", "")), platform.mac_ver()[0])

@@ -11,7 +11,6 @@ resident model runs (outlier_runtime/engine/kernels.py): the result is bit-ident
 from __future__ import annotations
 
 import math
-import platform
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,22 +23,14 @@ from outlier_runtime.core.errors import ExactnessError
 from outlier_runtime.engine.kernels import (
     GPU,
     Backend,
-    engine_backend,
+    device_rule,
     engine_call,
     kernel_for,
-    metal_has_nax,
     pass_row_range,
     split_rows,
 )
 
 from .store import ExpertStore
-
-
-def _this_metal_has_nax() -> bool:
-    """Whether this machine's Metal GPU takes mlx's NAX kernels (False off Metal)."""
-    if not mx.metal.is_available():
-        return False
-    return metal_has_nax(str(mx.device_info().get("architecture", "")), platform.mac_ver()[0])
 
 
 @dataclass
@@ -65,9 +56,9 @@ class PagedSwitch(nn.Module):
         object.__setattr__(self, "_quantized",
                            any(isinstance(m, QuantizedSwitchLinear) for _, m in inner.named_modules()))
         # The kernel rule to plan for; tests plan for Metal on CPU, where any plan is exact.
-        object.__setattr__(self, "kernel_backend",
-                           kernel_backend or engine_backend(mx.default_device().type.name))
-        object.__setattr__(self, "nax", self.kernel_backend == GPU and _this_metal_has_nax())
+        backend, nax = device_rule()
+        object.__setattr__(self, "kernel_backend", kernel_backend or backend)
+        object.__setattr__(self, "nax", nax and self.kernel_backend == GPU)
         object.__setattr__(self, "last_plan", None)
 
     def _kernel(self, rows: int, experts: int) -> str:
