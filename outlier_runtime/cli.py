@@ -148,6 +148,8 @@ def _print_stats(result: Any) -> None:
         f"resident {total['slot_resident_bytes'] / 1e6:.1f} MB slots + {total['ram_cache_bytes'] / 1e6:.1f} MB RAM",
         err=True,
     )
+    click.echo(f"-- host syncs {total.get('host_syncs', 0)} over {total.get('calls', 0)} MoE layer calls "
+               f"({total.get('host_syncs_per_call', 0.0):.2f} per call)", err=True)
     for row in engine["layers"]:
         click.echo(
             f"   layer {row['layer']:>3}: hits {row['slot_hits']:>6} ram {row['ram_hits']:>6} "

@@ -186,6 +186,8 @@ def _diff(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
     lookups = out.get("lookups", 0)
     out["hit_rate"] = (out.get("slot_hits", 0) + out.get("ram_hits", 0)) / lookups if lookups else 0.0
     out["slot_hit_rate"] = out.get("slot_hits", 0) / lookups if lookups else 0.0
+    calls = out.get("calls", 0)
+    out["host_syncs_per_call"] = out.get("host_syncs", 0) / calls if calls else 0.0
     seconds = out.get("read_seconds", 0.0)
     out["read_bandwidth_gbps"] = out.get("bytes_read", 0) / seconds / GB if seconds else 0.0
     return out

@@ -20,8 +20,9 @@ from outlier_runtime.engine.experts import (
 from outlier_runtime.core.manifest import PagingSection
 from outlier_runtime.engine.pack import attach_pack
 from outlier_runtime.core.plugin_manager import get_registry
-from outlier_runtime.core.protocols import LoadedModel, LoadRequest, Prefetcher
+from outlier_runtime.core.protocols import LoadedModel, LoadRequest
 
+from .lookahead import NextLayerLookahead
 from .store import ExpertStore, LayerSlots
 from .switch import PagedSwitch
 
@@ -53,11 +54,6 @@ def _install_slot_buffers(site: SwitchSite, slots: LayerSlots) -> None:
         setattr(module_at(site.module, owner_path), attr, buffer)
 
 
-def _prefetch_next(store: ExpertStore, prefetcher: Prefetcher, number: int, next_site: SwitchSite):
-    def prefetch(hidden: mx.array) -> None:
-        store.prefetch(number + 1, prefetcher.predict(number, hidden, next_site.block))
-
-    return prefetch
 
 
 class PagedMoELoader:
@@ -123,10 +119,10 @@ class PagedMoELoader:
             prefetcher = registry.create("prefetcher", paging.prefetcher)
         for number, (site, slots) in enumerate(zip(sites, store.layers)):
             _install_slot_buffers(site, slots)
-            prefetch = None
+            lookahead = None
             if prefetcher is not None and number + 1 < len(sites):
-                prefetch = _prefetch_next(store, prefetcher, number, sites[number + 1])
-            site.replace(PagedSwitch(site.module, store, number, prefetch))
+                lookahead = NextLayerLookahead(store, prefetcher, number, sites[number + 1].block)
+            site.replace(PagedSwitch(site.module, store, number, lookahead))
         mx.eval([slots.buffers for slots in store.layers])
         if not paging.lazy_load:
             mx.eval(model.parameters())  # read every non-expert weight now, not on first use

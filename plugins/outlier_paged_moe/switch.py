@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -30,6 +29,7 @@ from outlier_runtime.engine.kernels import (
     split_rows,
 )
 
+from .lookahead import NextLayerLookahead
 from .store import ExpertStore
 
 
@@ -45,14 +45,14 @@ class PagedSwitch(nn.Module):
     """Stands in for a switch module; the original runs on slot buffers."""
 
     def __init__(self, inner: nn.Module, store: ExpertStore, layer: int,
-                 prefetch: Callable[[mx.array], None] | None = None,
+                 lookahead: NextLayerLookahead | None = None,
                  kernel_backend: Backend | None = None):
         super().__init__()
         # Plain attributes (not children): the slot buffers are a cache, not model parameters.
         object.__setattr__(self, "_inner", inner)
         object.__setattr__(self, "_store", store)
         object.__setattr__(self, "_layer", layer)
-        object.__setattr__(self, "_prefetch", prefetch)
+        object.__setattr__(self, "_lookahead", lookahead)
         object.__setattr__(self, "_quantized",
                            any(isinstance(m, QuantizedSwitchLinear) for _, m in inner.named_modules()))
         # The kernel rule to plan for; tests plan for Metal on CPU, where any plan is exact.
@@ -65,7 +65,13 @@ class PagedSwitch(nn.Module):
         return kernel_for(engine_call(rows, experts, self._quantized, self.nax), self.kernel_backend)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        # The one host sync per MoE layer: we must know the ids to fetch the experts.
+        guess = self._lookahead.guess(x) if self._lookahead is not None else None
+        # The one host sync per MoE layer: we must know the ids to fetch the experts. The
+        # prefetcher's guess for the next layer is evaluated with them, so it costs no sync.
+        mx.eval(indices, *(() if guess is None else (guess,)))
+        stats = self._store.stats[self._layer]
+        stats.calls += 1
+        stats.host_syncs += 1
         ids = np.asarray(indices)
         needed = np.unique(ids)
         slots = self._store.layers[self._layer]
@@ -76,9 +82,9 @@ class PagedSwitch(nn.Module):
             self.last_plan = KernelPlan(target, [(ids.size, ids.size, target)])
         else:
             out = self._in_passes(x, ids, needed, target)
-        if self._prefetch is not None:
+        if self._lookahead is not None:
             # Start the next layer's likely reads now; they overlap with this layer's compute.
-            self._prefetch(x)
+            self._lookahead.start(x, None if guess is None else np.asarray(guess))
         return out
 
     def _in_passes(self, x: mx.array, ids: np.ndarray, needed: np.ndarray, target: str) -> mx.array:
@@ -102,7 +108,8 @@ class PagedSwitch(nn.Module):
         tokens = x.reshape(-1, x.shape[-1])
         plan = KernelPlan(target)
         pieces, positions = [], []
-        for group in np.array_split(needed, math.ceil(needed.size / slots.num_slots)):
+        groups = np.array_split(needed, math.ceil(needed.size / slots.num_slots))
+        for number, group in enumerate(groups):
             slots.lut[group] = self._store.ensure(self._layer, group)
             group_rows = np.flatnonzero(np.isin(flat, group))
             start = 0
@@ -120,8 +127,12 @@ class PagedSwitch(nn.Module):
                 out = self._inner(tokens[mx.array(rows // k)], mx.array(slots.lut[flat[rows]][:, None]))
                 pieces.append(out[:real, 0])
                 positions.append(rows[:real])
-            # Evaluate now: the next group may overwrite the slots this one reads.
-            mx.eval(pieces)
+            if number + 1 < len(groups):
+                # Evaluate before the next group refills the slots this one reads, so mlx can
+                # update them in place (a host sync). The last group needs none: mlx's updates
+                # are functional, so a later refill never changes what this output reads.
+                mx.eval(pieces)
+                self._store.stats[self._layer].host_syncs += 1
         self.last_plan = plan
         order = np.argsort(np.concatenate(positions))
         result = mx.concatenate(pieces)[mx.array(order)]
