@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 from outlier_runtime.bench.model import GB, BenchError
 from outlier_runtime.core.system import current_rss_bytes, peak_rss_bytes
+from outlier_runtime.engine.platform_io import current_platform_io
 
 
 # ---------------------------------------------------------------------------- the page cache
@@ -27,14 +28,12 @@ from outlier_runtime.core.system import current_rss_bytes, peak_rss_bytes
 
 def evict(files: Sequence[Path]) -> bool:
     """Drop the files' pages from the OS page cache; False where the OS cannot (macOS)."""
-    advise = getattr(os, "posix_fadvise", None)
-    if advise is None:
-        return False
+    platform = current_platform_io()
     for path in files:
         fd = os.open(path, os.O_RDONLY)
         try:
-            os.fdatasync(fd)  # dirty pages cannot be dropped
-            advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if not platform.drop_cache(fd):
+                return False
         finally:
             os.close(fd)
     return True
