@@ -73,13 +73,13 @@ def test_paged_runs_the_resident_kernel_and_matches_bit_for_bit(model_64, slots,
 def test_straddling_calls_are_split_or_padded_for_metal(model_64):
     path, prompts, logits = model_64
     # 8 slots: 9 tokens = 72 pairs run gather_qmv resident (72 / 64 < 4) but would run
-    # gather_qmm_rhs on 8 slots (72 / 8 >= 4): they must go in passes of at most 31 pairs.
+    # gather_qmm_rhs on 8 slots (72 / 8 >= 4): on 8 slots only unsorted calls (< 64 pairs) do.
     runtime = outlier_runtime.load("plus", model=str(path), k_override=TOP_K, cache_gb=1.0, force=True)
     try:
         (switch,) = _plan_for(runtime, GPU, nax=False)
         assert mx.array_equal(runtime.model(prompts[9]), logits[9]).item()
         assert switch.last_plan.target == "gather_qmv"
-        assert all(padded <= 4 * TOP_K - 1 for _, padded, _ in switch.last_plan.passes)
+        assert all(padded < 64 for _, padded, _ in switch.last_plan.passes)
         # 65 tokens = 520 pairs run the rhs kernel resident: each group of 8 experts is one
         # sorted pass padded to at least 4 x 8 rows if it has fewer.
         assert mx.array_equal(runtime.model(prompts[65]), logits[65]).item()
@@ -114,5 +114,25 @@ def test_greedy_tokens_match_stock(model_64, slots):
         _plan_for(runtime, GPU, nax=True)
         got = [r.token for r in mlx_lm.stream_generate(runtime.model, runtime.tokenizer, prompt, max_tokens=6)]
         assert got == expected
+    finally:
+        runtime.close()
+
+
+def test_a_call_that_fits_the_slots_is_still_split_when_its_kernel_would_change(model_64):
+    path, _, _ = model_64
+    model, _ = mlx_lm.load(str(path))
+    # Identical tokens route identically in a one-layer model: 20 tokens need only top-k = 8
+    # experts, which fit 8 slots. But 160 pairs run gather_qmv on 64 experts (160 / 64 < 4) and
+    # would run gather_qmm_rhs on 8 slots (160 / 8 >= 4): the call goes in 3 unsorted passes.
+    ids = mx.array([[42] * 20])
+    expected = model(ids)
+    runtime = outlier_runtime.load("plus", model=str(path), k_override=TOP_K, cache_gb=1.0, force=True)
+    try:
+        (switch,) = _plan_for(runtime, GPU, nax=False)
+        assert mx.array_equal(runtime.model(ids), expected).item()
+        plan = switch.last_plan
+        assert plan.target == "gather_qmv"
+        assert [(real, padded) for real, padded, _ in plan.passes] == [(54, 54), (53, 53), (53, 53)]
+        assert runtime.engine_stats()["layers"][0]["resident_experts"] == TOP_K
     finally:
         runtime.close()
