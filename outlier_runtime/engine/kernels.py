@@ -57,10 +57,10 @@ class GatherCall:
     m: int = 1
     #: mlx-lm's switch linears call with ``transpose=True``.
     transposed: bool = True
-    #: Metal's get_qmv_batch_limit(K, N, chip) (quantized.cpp:85-140, 6 to 33) for transposed
+    #: Metal's get_qmv_batch_limit(K, N, chip) (quantized.cpp:85-143, 6 to 33) for transposed
     #: weights, 4 otherwise; only needed when ``m > 1``.
     vector_limit: int | None = None
-    #: The chip has NAX and the dtype takes the NAX path (quantized.cpp:1603).
+    #: The chip has NAX and the dtype takes the NAX path (quantized.cpp:1602-1603).
     nax: bool = False
 
 
@@ -94,7 +94,7 @@ def _metal_qmm_kernel(call: GatherCall) -> str:
     if (call.m == 1 and call.rows >= RHS_MIN_ROWS and call.sorted
             and call.rows // call.experts >= RHS_ROWS_PER_EXPERT):
         # gather_qmm_rhs dispatches to its NAX variant only for transposed weights
-        # (quantized.cpp:1603).
+        # (quantized.cpp:1602-1603).
         if call.nax and call.transposed:
             wide = call.rows // call.experts >= QMM_NAX_WIDE_TILE_ROWS_PER_EXPERT
             return "gather_qmm_rhs_nax_bm64" if wide else "gather_qmm_rhs_nax_bm32"
