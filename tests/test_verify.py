@@ -85,3 +85,9 @@ def test_a_model_mlx_lm_cannot_load_is_named(tmp_path):
     result = outlier("verify", "--model", str(tmp_path))
     assert result.exit_code == 2
     assert str(tmp_path) in result.stderr and "mlx-lm cannot load" in result.stderr
+
+
+def test_a_dense_model_is_refused_in_one_line(tiny):
+    result = outlier("verify", "--model", str(tiny("llama")))
+    assert result.exit_code == 2
+    assert "no MoE expert layers" in result.stderr and result.stderr.count("\n") == 1
