@@ -16,6 +16,7 @@ from outlier_runtime.core.errors import (
     AdmissionError,
     CheckpointError,
     DiskSpaceError,
+    ExactnessError,
     ExpertReadError,
     ManifestError,
     ModelNotFoundError,
@@ -49,6 +50,16 @@ def tiers() -> list[dict[str, Any]]:
     return [{**status.to_dict(), **download} for status, download in zip(statuses, downloads)]
 
 
+def verify(model: str | None = None, **options: Any) -> Any:
+    """Check the paged engine against stock mlx-lm on this machine, bit for bit; returns a report.
+
+    ``report.identical`` is the verdict, ``report.table()`` the details (see docs/api.md).
+    """
+    from outlier_runtime.verification import verify as run_verify
+
+    return run_verify(model, **options)
+
+
 def plugins() -> list[dict[str, Any]]:
     """Every loaded plugin, the distribution it came from, and what it registers."""
     from outlier_runtime.core.plugin_manager import plugin_infos
@@ -62,6 +73,7 @@ __all__ = [
     "CheckpointError",
     "Chunk",
     "DiskSpaceError",
+    "ExactnessError",
     "ExpertReadError",
     "GenerationResult",
     "LoadRequest",
@@ -86,4 +98,5 @@ __all__ = [
     "plugin_ref",
     "plugins",
     "tiers",
+    "verify",
 ]

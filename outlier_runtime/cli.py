@@ -206,6 +206,8 @@ def _print_stats(result: Any) -> None:
         f"resident {total['slot_resident_bytes'] / 1e6:.1f} MB slots + {total['ram_cache_bytes'] / 1e6:.1f} MB RAM",
         err=True,
     )
+    click.echo(f"-- host syncs {total.get('host_syncs', 0)} over {total.get('calls', 0)} MoE layer calls "
+               f"({total.get('host_syncs_per_call', 0.0):.2f} per call)", err=True)
     for row in engine["layers"]:
         click.echo(
             f"   layer {row['layer']:>3}: hits {row['slot_hits']:>6} ram {row['ram_hits']:>6} "
@@ -625,6 +627,30 @@ def sweep_k(ctx: click.Context, ks: tuple[int, ...], quick: bool, layers: int | 
                      timeout_s=timeout, command=_command_line(ctx), echo=lambda line: click.echo(line, err=True))
     click.echo(md.read_text())
     click.echo(f"wrote {md} and k_sweep_K<n>.json next to it", err=True)
+
+
+# -- outlier verify (issue #12): a thin wrapper over outlier_runtime.verify() ------------------
+@main.command()
+@click.option("--model", default=None, help="An mlx-lm MoE directory small enough to load whole "
+              "(default: the embedded demo MoE).")
+@click.option("--slots", "slot_counts", type=int, multiple=True,
+              help="Slot counts to page with (repeatable; default 1, top-k, half, all).")
+@click.option("--longest-prompt", type=int, default=1100, show_default=True,
+              help="Longest prompt (tokens) among those chosen at the kernel thresholds.")
+@click.option("--new-tokens", type=int, default=8, show_default=True, help="Greedy tokens compared.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify(model: str | None, slot_counts: tuple[int, ...], longest_prompt: int, new_tokens: int,
+           as_json: bool) -> None:
+    """Check that the paged engine is bit-identical to stock mlx-lm on this machine (exit 0 if so)."""
+    from outlier_runtime.verification import verify as run_verify
+
+    report = run_verify(model, list(slot_counts) or None, longest_prompt, new_tokens)
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        click.echo(report.table())
+        click.echo(report.verdict())
+    sys.exit(0 if report.identical else 1)
 
 
 if __name__ == "__main__":  # pragma: no cover

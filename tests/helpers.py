@@ -92,3 +92,8 @@ def _wait_until_ready(process: subprocess.Popen, base_url: str, log_path: Path, 
             pass
         time.sleep(0.2)
     pytest.fail(f"outlier serve did not answer within 60 s:\n{log_path.read_text()}")
+
+
+def paged_switches(runtime) -> list[PagedSwitch]:
+    """The paged switch layers of a paged runtime."""
+    return [m for _, m in runtime.model.named_modules() if isinstance(m, PagedSwitch)]

@@ -122,7 +122,7 @@ def test_plugins_options_lists_types_defaults_and_descriptions():
     rows = {row["name"]: row for row in json.loads(outlier("plugins", "--options", "--json").output)}
     fields = {f["name"]: f for f in rows["fanout"]["options"]["reader"]["fanout"]}
     assert fields["direct"] == {"name": "direct", "type": "bool", "required": False, "default": True,
-                                "description": "O_DIRECT for aligned requests; false: page cache only."}
+                                "description": "Uncached reads of aligned requests (O_DIRECT, F_NOCACHE); false: page cache only."}
     assert rows["cache_lru"]["options"] == {"cache_policy": {"lru": []}}
     assert "options" not in json.loads(outlier("plugins", "--json").output)[0]
 

@@ -67,6 +67,9 @@ def bench_ratios(report: dict[str, Any]) -> dict[str, Any]:
         run = _first_run(results, name)
         if run and run.get("token_seconds") and "engine_decode" in run:
             ratios[f"io_fraction_{name}"] = run["engine_decode"]["read_seconds"] / sum(run["token_seconds"])
+    for name in (fp, fpp):
+        # Each stalls a GPU pipeline; the goal is one per MoE layer per token, prefetcher on or off.
+        ratios[f"host_syncs_per_token_{name}"] = _per_token(results, name, "host_syncs")
     disk = results.get("disk-bound") or {}
     fp_run = _first_run(results, fp)
     if "best" in disk and fp_run and "engine_decode" in fp_run:

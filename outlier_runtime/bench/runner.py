@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 from outlier_runtime.bench.model import FULL, GB, QUICK, BenchError, Geometry, benchmark_model, model_files
 from outlier_runtime.bench.worker import ForkServer, evict
 from outlier_runtime.core.system import provenance
+from outlier_runtime.engine.platform_io import current_platform_io
 
 PROMPT = "def fibonacci(n):"
 WARMUP_PROMPT = "import os"
@@ -247,8 +248,9 @@ def run_bench(options: BenchOptions, echo: Echo = lambda s: None) -> tuple[Path,
             "repeat_rule": "configurations sensitive to disk and other jobs ran `repeat` times, interleaved; "
                            "each reports its fastest round (interference only slows a run), all rounds kept",
             "skipped": skipped,
-            "cold_cache": "fdatasync + posix_fadvise(DONTNEED) on every shard and pack file before each "
+            "cold_cache": "the page-cache method on every shard and pack file before each "
                           "configuration and again before its timed generation",
+            "page_cache_method": current_platform_io().page_cache_method,
         },
         "results": results,
         "elapsed_seconds": time.perf_counter() - started,

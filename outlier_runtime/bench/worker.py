@@ -23,6 +23,7 @@ from pydantic import Field
 from outlier_runtime import PluginOptions, hookimpl, plugin_ref
 from outlier_runtime.bench.model import GB, BenchError
 from outlier_runtime.core.system import current_rss_bytes, peak_rss_bytes
+from outlier_runtime.engine.platform_io import current_platform_io
 
 
 # ---------------------------------------------------------------------------- the page cache
@@ -30,14 +31,12 @@ from outlier_runtime.core.system import current_rss_bytes, peak_rss_bytes
 
 def evict(files: Sequence[Path]) -> bool:
     """Drop the files' pages from the OS page cache; False where the OS cannot (macOS)."""
-    advise = getattr(os, "posix_fadvise", None)
-    if advise is None:
-        return False
+    platform = current_platform_io()
     for path in files:
         fd = os.open(path, os.O_RDONLY)
         try:
-            os.fdatasync(fd)  # dirty pages cannot be dropped
-            advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if not platform.drop_cache(fd):
+                return False
         finally:
             os.close(fd)
     return True
@@ -209,6 +208,8 @@ def _diff(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
     lookups = out.get("lookups", 0)
     out["hit_rate"] = (out.get("slot_hits", 0) + out.get("ram_hits", 0)) / lookups if lookups else 0.0
     out["slot_hit_rate"] = out.get("slot_hits", 0) / lookups if lookups else 0.0
+    calls = out.get("calls", 0)
+    out["host_syncs_per_call"] = out.get("host_syncs", 0) / calls if calls else 0.0
     seconds = out.get("read_seconds", 0.0)
     out["read_bandwidth_gbps"] = out.get("bytes_read", 0) / seconds / GB if seconds else 0.0
     return out

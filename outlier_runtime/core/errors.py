@@ -54,3 +54,7 @@ class ParameterError(OutlierError):
 
 class DiskSpaceError(OutlierError):
     """The disk lacks the free space a download needs."""
+
+
+class ExactnessError(OutlierError):
+    """The paged engine cannot run a call the way the resident model would (so it refuses)."""

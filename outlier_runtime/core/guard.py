@@ -95,21 +95,31 @@ class GuardedReader:
 
 
 class GuardedPrefetcher:
-    """A prefetcher whose guesses are checked to be expert ids."""
+    """A prefetcher whose calls are guarded and whose guesses are checked to be expert ids."""
 
     def __init__(self, prefetcher: Prefetcher, guard: PluginGuard):
         self.prefetcher = prefetcher
         self.guard = guard
 
-    def predict(self, layer: int, hidden: Any, next_block: Any, num_experts: int | None = None) -> list[int]:
-        guess = self.guard.call("predict", self.prefetcher.predict, layer, hidden, next_block)
+    def predict(self, layer: int, hidden: Any, next_block: Any) -> Any:
+        return self.guard.call("predict", self.prefetcher.predict, layer, hidden, next_block)
+
+    @property
+    def guess(self) -> Callable[..., Any] | None:
+        """The prefetcher's optional lazy ``guess``, guarded; None when it has none."""
+        inner = getattr(self.prefetcher, "guess", None)
+        if not callable(inner):
+            return None
+        return lambda layer, hidden, next_block: self.guard.call("guess", inner, layer, hidden, next_block)
+
+    def check_ids(self, layer: int, guess: Any, num_experts: int) -> list[int]:
+        """``guess`` as expert ids of layer ``layer + 1``, or a PluginError saying what it was."""
         try:
             ids = [int(e) for e in guess]
         except (TypeError, ValueError):
-            raise self.guard.error(f"returned {guess!r} from predict(), not a sequence of expert ids") from None
-        if num_experts is not None and any(not 0 <= e < num_experts for e in ids):
-            raise self.guard.error(f"returned expert ids {ids} from predict(); layer {layer + 1} has "
-                                   f"experts 0..{num_experts - 1}")
+            raise self.guard.error(f"guessed {guess!r}, not a sequence of expert ids") from None
+        if any(not 0 <= e < num_experts for e in ids):
+            raise self.guard.error(f"guessed expert ids {ids}; layer {layer + 1} has experts 0..{num_experts - 1}")
         return ids
 
     def __getattr__(self, name: str) -> Any:

@@ -101,4 +101,9 @@ class Prefetcher(Protocol):
 
         ``hidden`` is the input of MoE layer ``layer``'s experts; ``next_block`` is the
         MoE block (router and experts) of layer ``layer + 1``.
+
+        Optional, and preferred: ``guess(layer, hidden, next_block) -> mx.array | None``, the
+        same ids as a lazy mx array. The engine then evaluates the guess together with the
+        routed ids it reads anyway, so the prefetcher adds no host sync; ``predict`` reading
+        its guess on the host costs one more sync per layer.
         """

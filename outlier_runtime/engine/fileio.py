@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Callable
 
 from outlier_runtime.core.errors import ExpertReadError
 
 
 class FileTable:
-    """Keeps one read-only descriptor per path (opened on first use, with extra ``flags``)."""
+    """Keeps one read-only descriptor per path (opened on first use, with extra ``flags``,
+    then handed to ``prepare``, e.g. to set macOS's F_NOCACHE)."""
 
-    def __init__(self, flags: int = 0) -> None:
+    def __init__(self, flags: int = 0, prepare: Callable[[int], None] | None = None) -> None:
         self._fds: dict[str, int] = {}
         self._flags = flags
+        self._prepare = prepare
         self._lock = threading.Lock()
         # Descriptors dropped after an error. They stay open until close(): another thread
         # may be reading through one, and a reused descriptor number would read another file.
@@ -30,9 +33,16 @@ class FileTable:
         with self._lock:
             if path not in self._fds:
                 try:
-                    self._fds[path] = os.open(path, os.O_RDONLY | self._flags)
+                    fd = os.open(path, os.O_RDONLY | self._flags)
                 except OSError as exc:
                     raise ExpertReadError(f"{path}: cannot open: {exc.strerror or exc}", path) from exc
+                if self._prepare is not None:
+                    try:
+                        self._prepare(fd)
+                    except OSError as exc:
+                        os.close(fd)
+                        raise ExpertReadError(f"{path}: cannot set up reads: {exc.strerror or exc}", path) from exc
+                self._fds[path] = fd
             return self._fds[path]
 
     def forget(self, path: str) -> None:

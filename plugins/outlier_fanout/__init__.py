@@ -8,4 +8,4 @@ from .reader import FanoutReader
 @hookimpl
 def register_readers(register):
     register("fanout", FanoutReader,
-             "Parallel chunked preadv by worker threads; O_DIRECT for aligned requests (packs).")
+             "Parallel chunked preadv by worker threads; uncached reads of aligned requests (packs).")

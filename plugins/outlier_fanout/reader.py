@@ -8,12 +8,12 @@ caller's buffers (``os.preadv`` releases the GIL; no extra copy).
 
 A request whose file offset, length and buffer address are all 4096-aligned (every pack
 read: the pack and the store's buffers are aligned for this) is cut into ``chunk_bytes``
-pieces read through a second descriptor opened with ``O_DIRECT``, which skips the page
-cache's copy and its memory. Other requests (the nine ranges per expert of mlx shards) go
-through the page cache, one piece per request by default: splitting a buffered read
-defeats the kernel's readahead. A filesystem that refuses ``O_DIRECT`` (tmpfs, some
-network filesystems) makes the file fall back to buffered reads; ``stats`` counts the bytes
-read each way.
+pieces read through a second, uncached descriptor that skips the page cache's copy and its
+memory: ``O_DIRECT`` on Linux, ``F_NOCACHE`` on macOS (outlier_runtime/engine/platform_io.py).
+Other requests (the nine ranges per expert of mlx shards) go through the page cache, one
+piece per request by default: splitting a buffered read defeats the kernel's readahead. A
+filesystem that refuses uncached reads (tmpfs, some network filesystems) makes the file
+fall back to buffered reads; ``stats`` counts the bytes read each way and names the method.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pydantic import Field, ValidationError
 from outlier_runtime import PluginOptions
 from outlier_runtime.core.errors import ExpertReadError, ManifestError
 from outlier_runtime.engine.fileio import FileTable, pread_into
+from outlier_runtime.engine.platform_io import current_platform_io
 from outlier_runtime.core.protocols import ReadRequest
 
 #: O_DIRECT needs offsets, lengths and buffer addresses aligned to the logical block size;
@@ -45,7 +46,8 @@ DEFAULT_WORKERS = 8
 #: (a small model's whole batch is read in the calling thread).
 MIN_BYTES_PER_WORKER = 256 * 1024
 
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
+#: errno values with which a filesystem refuses uncached reads (O_DIRECT: EINVAL; F_NOCACHE: ENOTSUP).
+_REFUSALS = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
 
 
 class _Piece:
@@ -65,37 +67,42 @@ def _address(view: memoryview) -> int:
 
 
 class FanoutReader:
-    """Parallel chunked reads into caller buffers; O_DIRECT where everything is aligned.
+    """Parallel chunked reads into caller buffers; uncached where everything is aligned.
 
-    Options (``[paging] reader_options``) are the inner ``Options`` model. Page-cache reads
-    are not split by default: splitting them defeats the kernel's readahead and was slower
-    than one read per range in every measurement here.
+    Options (``[paging] reader_options``) are the inner ``Options`` model. Aligned requests are
+    read uncached (O_DIRECT on Linux, F_NOCACHE on macOS). Page-cache reads are not split by
+    default: splitting them defeats the kernel's readahead and was slower than one read per
+    range in every measurement here. ``advise`` hints page-cache ranges to the kernel before a
+    batch (F_RDADVISE on macOS, POSIX_FADV_WILLNEED on Linux; off by default, unmeasured on macOS).
     """
 
     class Options(PluginOptions):
         workers: int = Field(default=DEFAULT_WORKERS, ge=1, description="Threads reading at once, the caller included.")
         chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, gt=0, multiple_of=DIRECT_ALIGNMENT,
                                  description=f"Piece size of O_DIRECT reads (a multiple of {DIRECT_ALIGNMENT}).")
-        direct: bool = Field(default=True, description="O_DIRECT for aligned requests; false: page cache only.")
+        direct: bool = Field(default=True, description="Uncached reads of aligned requests (O_DIRECT, F_NOCACHE); false: page cache only.")
         buffered_chunk_bytes: int = Field(default=0, ge=0,
                                           description="Piece size of page-cache reads; 0 reads each request whole.")
+        advise: bool = Field(default=False, description="Hint page-cache ranges to the kernel before a batch.")
 
     def __init__(self, workers: int = DEFAULT_WORKERS, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 direct: bool = True, buffered_chunk_bytes: int = 0) -> None:
+                 direct: bool = True, buffered_chunk_bytes: int = 0, advise: bool = False) -> None:
         try:  # the same checks for direct construction as for a manifest's reader_options
             self.Options(workers=workers, chunk_bytes=chunk_bytes, direct=direct,
-                         buffered_chunk_bytes=buffered_chunk_bytes)
+                         buffered_chunk_bytes=buffered_chunk_bytes, advise=advise)
         except ValidationError as exc:
             error = exc.errors()[0]
             raise ManifestError(f"reader_options.{error['loc'][0]} = {error['input']!r}: {error['msg']}") from None
         self.buffered_chunk_bytes = buffered_chunk_bytes
         self.workers = workers
         self.chunk_bytes = chunk_bytes
-        self.direct = direct and bool(_O_DIRECT)
+        self.advise = advise
+        self._io = current_platform_io()
+        self.direct = direct and self._io.uncached_available
         self._lock = threading.Lock()
         self._files = FileTable()
-        self._direct_files = FileTable(_O_DIRECT)
-        self._refused: set[str] = set()  # files whose filesystem refused O_DIRECT
+        self._direct_files = FileTable(self._io.uncached_open_flags, self._io.prepare_uncached)
+        self._refused: set[str] = set()  # files whose filesystem refused uncached reads
         self._pool: ThreadPoolExecutor | None = None
         self._direct_bytes = 0
         self._buffered_bytes = 0
@@ -110,12 +117,14 @@ class FanoutReader:
             if direct and buffered:
                 mode = "mixed"
             elif direct:
-                mode = "direct"
+                mode = self._io.uncached_mode  # "direct" (Linux O_DIRECT) or "nocache" (macOS)
             else:
                 mode = "buffered"
             return {
                 "reader": "fanout",
                 "io_mode": mode,
+                "uncached_method": self._io.uncached_method if self.direct else None,
+                "advise": self.advise,
                 "workers": self.workers,
                 "chunk_bytes": self.chunk_bytes,
                 "buffered_chunk_bytes": self.buffered_chunk_bytes,
@@ -130,13 +139,13 @@ class FanoutReader:
     # ------------------------------------------------------------------ files
 
     def _direct_fd(self, path: str) -> int | None:
-        """An O_DIRECT descriptor for ``path``, or None when its filesystem refuses O_DIRECT."""
+        """An uncached descriptor for ``path``, or None when its filesystem refuses one."""
         if path in self._refused:
             return None
         try:
             return self._direct_files.fd(path)
         except ExpertReadError as exc:
-            if isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.EINVAL:
+            if isinstance(exc.__cause__, OSError) and exc.__cause__.errno in _REFUSALS:
                 self._refuse_direct(path)
                 return None
             raise
@@ -176,7 +185,7 @@ class FanoutReader:
         return pieces
 
     def _read_piece(self, piece: _Piece) -> tuple[int, int]:
-        """Fill one piece; returns (bytes read with O_DIRECT, bytes read buffered)."""
+        """Fill one piece; returns (bytes read uncached, bytes read buffered)."""
         view, path, offset = piece.view, piece.path, piece.offset
         total = len(view)
         done = 0
@@ -186,7 +195,7 @@ class FanoutReader:
                 try:
                     n = os.preadv(fd, [view[done:]], offset + done)
                 except OSError as exc:
-                    if exc.errno != errno.EINVAL:
+                    if exc.errno not in _REFUSALS:
                         raise self._failed(path, offset, total, exc) from exc
                     self._refuse_direct(path)  # the filesystem opened it but will not do the read
                     break
@@ -226,11 +235,19 @@ class FanoutReader:
             buffered += b
         return direct, buffered
 
+    def _advise(self, pieces: list[_Piece]) -> None:
+        """Hint the page-cache ranges of a batch, so the kernel reads them while we start."""
+        for piece in pieces:
+            if not piece.direct and piece.view:
+                self._io.advise(self._files.fd(piece.path), piece.offset, len(piece.view))
+
     def read(self, requests: Sequence[ReadRequest]) -> None:
         """Fill every request's buffer, in parallel; raises ExpertReadError naming the file."""
         pieces = self._plan(requests)
         if not pieces:
             return
+        if self.advise:
+            self._advise(pieces)
         counter = itertools.count()
         failures: list[BaseException] = []
         total = sum(len(piece.view) for piece in pieces)

@@ -19,13 +19,13 @@ from outlier_runtime.engine.experts import (
 )
 from outlier_runtime.engine.pack import attach_pack
 from outlier_runtime.core.plugin_manager import get_registry
-from outlier_runtime.core.guard import GuardedPrefetcher
 from outlier_runtime.core.memory import (MemoryPlan, apply_wired_limit, available_bytes, headroom_bytes,
                                          kv_cache_bytes)
 from outlier_runtime.engine.geometry import checkpoint_geometry
 from outlier_runtime.core.protocols import LoadedModel, LoadRequest
 
 from .memory import ExpertLayout, PagedBudget, plan_paged
+from .lookahead import NextLayerLookahead
 from .store import ExpertStore, LayerSlots
 from .switch import PagedSwitch
 
@@ -48,13 +48,6 @@ def _install_slot_buffers(site: SwitchSite, slots: LayerSlots) -> None:
         setattr(module_at(site.module, owner_path), attr, buffer)
 
 
-def _prefetch_next(store: ExpertStore, prefetcher: GuardedPrefetcher, number: int, next_site: SwitchSite):
-    num_experts = store.layers[number + 1].layer.num_experts
-
-    def prefetch(hidden: mx.array) -> None:
-        store.prefetch(number + 1, prefetcher.predict(number, hidden, next_site.block, num_experts))
-
-    return prefetch
 
 
 class PagedMoELoader:
@@ -143,10 +136,10 @@ class PagedMoELoader:
             prefetcher = registry.create("prefetcher", paging.prefetcher, paging.prefetcher_options)
         for number, (site, slots) in enumerate(zip(sites, store.layers)):
             _install_slot_buffers(site, slots)
-            prefetch = None
+            lookahead = None
             if prefetcher is not None and number + 1 < len(sites):
-                prefetch = _prefetch_next(store, prefetcher, number, sites[number + 1])
-            site.replace(PagedSwitch(site.module, store, number, prefetch))
+                lookahead = NextLayerLookahead(store, prefetcher, number, sites[number + 1].block)
+            site.replace(PagedSwitch(site.module, store, number, lookahead))
         mx.eval([slots.buffers for slots in store.layers])
         # On Metal, keep the slots and non-expert weights wired, as mlx-lm's generate does.
         info["wired_limit_bytes"] = apply_wired_limit(store.slot_bytes + non_expert_bytes)

@@ -10,6 +10,10 @@ from typing import Any
 class LayerStats:
     """Counters of one MoE layer. lookups = slot_hits + ram_hits + misses."""
 
+    #: Calls of the layer (one per forward step) and the host syncs they made: one per call
+    #: for the routed ids, plus one per pass group and one per host-side prefetch guess.
+    calls: int = 0
+    host_syncs: int = 0
     slot_hits: int = 0
     ram_hits: int = 0
     misses: int = 0
@@ -19,6 +23,8 @@ class LayerStats:
     #: Evicted slot experts whose bytes moved into the RAM cache (the victim cache).
     victims_cached: int = 0
     passes: int = 0
+    #: Copies of real token-expert pairs added so a pass runs the resident model's kernel.
+    padded_rows: int = 0
     prefetched: int = 0
     prefetch_bytes: int = 0
     prefetch_used: int = 0
@@ -52,6 +58,7 @@ def snapshot(layers: list[LayerStats], resident: list[int], expert_nbytes: list[
         slot_resident_bytes=sum(r["resident_bytes"] for r in per_layer),
         ram_cache_bytes=ram_bytes,
         prefetch_wasted=total.prefetched - total.prefetch_used,
+        host_syncs_per_call=total.host_syncs / total.calls if total.calls else 0.0,
         read_bandwidth_gbps=total.bytes_read / total.read_seconds / 1e9 if total.read_seconds else 0.0,
     )
     return {"total": totals, "layers": per_layer, **extra}

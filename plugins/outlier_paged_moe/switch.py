@@ -2,79 +2,138 @@
 
 It keeps the model's own switch module (SwitchGLU, SwitchMLP, ...) and only swaps its
 stacked expert tensors for the layer's slot buffers. The routed expert ids are remapped to
-slot ids, so the module runs the very same ``gather_qmm``/``gather_mm`` calls, with the same
-sorting decision, on the same bytes: the result is bit-identical to the resident model.
+slot ids, so the module runs the same ``gather_qmm``/``gather_mm`` computation on the same
+bytes. mlx picks the kernel of such a call from its shapes, including the number of experts
+in the weight tensor (the slot count here), so each call is sized to run the kernel the
+resident model runs (outlier_runtime/engine/kernels.py): the result is bit-identical.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
+from outlier_runtime.core.errors import ExactnessError
+from outlier_runtime.engine.kernels import (
+    GPU,
+    Backend,
+    device_rule,
+    engine_call,
+    kernel_for,
+    pass_row_range,
+    split_rows,
+)
+
+from .lookahead import NextLayerLookahead
 from .store import ExpertStore
 
-#: mlx-lm's switch modules sort token-expert pairs by expert when indices.size >= 64.
-SORT_THRESHOLD = 64
+
+@dataclass
+class KernelPlan:
+    """How one call was computed: the resident model's kernel and each pass's (rows, padded, kernel)."""
+
+    target: str
+    passes: list[tuple[int, int, str]] = field(default_factory=list)
 
 
 class PagedSwitch(nn.Module):
     """Stands in for a switch module; the original runs on slot buffers."""
 
     def __init__(self, inner: nn.Module, store: ExpertStore, layer: int,
-                 prefetch: Callable[[mx.array], None] | None = None):
+                 lookahead: NextLayerLookahead | None = None,
+                 kernel_backend: Backend | None = None):
         super().__init__()
         # Plain attributes (not children): the slot buffers are a cache, not model parameters.
         object.__setattr__(self, "_inner", inner)
         object.__setattr__(self, "_store", store)
         object.__setattr__(self, "_layer", layer)
-        object.__setattr__(self, "_prefetch", prefetch)
+        object.__setattr__(self, "_lookahead", lookahead)
+        object.__setattr__(self, "_quantized",
+                           any(isinstance(m, QuantizedSwitchLinear) for _, m in inner.named_modules()))
+        # The kernel rule to plan for; tests plan for Metal on CPU, where any plan is exact.
+        backend, nax = device_rule()
+        object.__setattr__(self, "kernel_backend", kernel_backend or backend)
+        object.__setattr__(self, "nax", nax and self.kernel_backend == GPU)
+        object.__setattr__(self, "last_plan", None)
+
+    def _kernel(self, rows: int, experts: int) -> str:
+        return kernel_for(engine_call(rows, experts, self._quantized, self.nax), self.kernel_backend)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        # The one host sync per MoE layer: we must know the ids to fetch the experts.
+        guess = self._lookahead.guess(x) if self._lookahead is not None else None
+        # The one host sync per MoE layer: we must know the ids to fetch the experts. The
+        # prefetcher's guess for the next layer is evaluated with them, so it costs no sync.
+        mx.eval(indices, *(() if guess is None else (guess,)))
+        stats = self._store.stats[self._layer]
+        stats.calls += 1
+        stats.host_syncs += 1
         ids = np.asarray(indices)
         needed = np.unique(ids)
         slots = self._store.layers[self._layer]
-        if needed.size <= slots.num_slots:
+        target = self._kernel(ids.size, slots.layer.num_experts)
+        if needed.size <= slots.num_slots and self._kernel(ids.size, slots.num_slots) == target:
             slots.lut[needed] = self._store.ensure(self._layer, needed)
             out = self._inner(x, mx.array(slots.lut[ids]))
+            self.last_plan = KernelPlan(target, [(ids.size, ids.size, target)])
         else:
-            out = self._in_passes(x, ids, needed)
-        if self._prefetch is not None:
+            out = self._in_passes(x, ids, needed, target)
+        if self._lookahead is not None:
             # Start the next layer's likely reads now; they overlap with this layer's compute.
-            self._prefetch(x)
+            self._lookahead.start(x, None if guess is None else np.asarray(guess))
         return out
 
-    def _in_passes(self, x: mx.array, ids: np.ndarray, needed: np.ndarray) -> mx.array:
-        """More distinct experts than slots: compute slot-sized groups of experts in turn.
+    def _in_passes(self, x: mx.array, ids: np.ndarray, needed: np.ndarray, target: str) -> mx.array:
+        """Compute slot-sized groups of experts in turn, each in calls that run ``target``.
 
-        Each pass computes only the token-expert pairs of its group, with the same sorting
-        decision the whole call would have made, so every output row is computed exactly as
-        the resident model computes it.
+        A call's kernel depends on its row count and the slot count (see
+        outlier_runtime/engine/kernels.py), so each group's token-expert pairs are cut into
+        calls whose size selects the resident model's kernel, padded with copies of a real
+        pair where a call must be larger. Within one kernel a row's result does not depend on
+        the other rows, so every output row is computed exactly as the resident model does.
         """
         slots = self._store.layers[self._layer]
+        row_range = pass_row_range(target, slots.num_slots, self.kernel_backend, self._quantized, self.nax)
+        if row_range is None:
+            raise ExactnessError(
+                f"MoE layer {self._layer}: no call on {slots.num_slots} expert slot(s) runs mlx's "
+                f"{target!r} kernel as the resident model does; raise k_override (paging.k_override)"
+            )
         k = ids.shape[-1]
         flat = ids.reshape(-1)
         tokens = x.reshape(-1, x.shape[-1])
-        sort_like_whole = ids.size >= SORT_THRESHOLD
+        plan = KernelPlan(target)
         pieces, positions = [], []
-        for group in np.array_split(needed, math.ceil(needed.size / slots.num_slots)):
+        groups = np.array_split(needed, math.ceil(needed.size / slots.num_slots))
+        for number, group in enumerate(groups):
             slots.lut[group] = self._store.ensure(self._layer, group)
-            self._store.stats[self._layer].passes += 1
-            rows = np.flatnonzero(np.isin(flat, group))
-            count = rows.size
-            if sort_like_whole and count < SORT_THRESHOLD:
-                # Pad with copies of the last pair so the module sorts, as the whole call would.
-                rows = np.concatenate([rows, np.full(SORT_THRESHOLD - count, rows[-1])])
-            out = self._inner(tokens[mx.array(rows // k)], mx.array(slots.lut[flat[rows]][:, None]))
-            out = out[:count, 0]
-            # Evaluate now: the next group may overwrite the slots this one reads.
-            mx.eval(out)
-            pieces.append(out)
-            positions.append(rows[:count])
+            group_rows = np.flatnonzero(np.isin(flat, group))
+            start = 0
+            for real, padded in split_rows(group_rows.size, *row_range):
+                rows = group_rows[start:start + real]
+                start += real
+                if padded > real:
+                    rows = np.concatenate([rows, np.full(padded - real, rows[-1])])
+                ran = self._kernel(padded, slots.num_slots)
+                if __debug__ and ran != target:
+                    raise AssertionError(f"layer {self._layer}: a pass of {padded} rows runs {ran}, not {target}")
+                self._store.stats[self._layer].passes += 1
+                self._store.stats[self._layer].padded_rows += padded - real
+                plan.passes.append((real, padded, ran))
+                out = self._inner(tokens[mx.array(rows // k)], mx.array(slots.lut[flat[rows]][:, None]))
+                pieces.append(out[:real, 0])
+                positions.append(rows[:real])
+            if number + 1 < len(groups):
+                # Evaluate before the next group refills the slots this one reads, so mlx can
+                # update them in place (a host sync). The last group needs none: mlx's updates
+                # are functional, so a later refill never changes what this output reads.
+                mx.eval(pieces)
+                self._store.stats[self._layer].host_syncs += 1
+        self.last_plan = plan
         order = np.argsort(np.concatenate(positions))
         result = mx.concatenate(pieces)[mx.array(order)]
         return result.reshape(*ids.shape, result.shape[-1])

@@ -32,17 +32,28 @@ class NextLayerRouterPrefetcher:
         # Only decode steps (few tokens) are worth guessing for; prefill reads everything anyway.
         self.max_tokens = max_tokens
 
-    def predict(self, layer: int, hidden: Any, next_block: Any) -> Sequence[int]:
+    def guess(self, layer: int, hidden: Any, next_block: Any) -> mx.array | None:
+        """The guess as a lazy array of expert ids: the engine reads it with its own host sync."""
         router = next((getattr(next_block, n) for n in ROUTER_ATTRIBUTES if callable(getattr(next_block, n, None))), None)
+        tokens = hidden.reshape(-1, hidden.shape[-1])
+        if router is None or tokens.shape[0] > self.max_tokens:
+            return None
+        scores = router(tokens)
+        if isinstance(scores, tuple):
+            # DeepSeek-V3 / GLM4-MoE style gates return (expert ids, weights), already top-k.
+            if not scores or not mx.issubdtype(scores[0].dtype, mx.integer):
+                return None
+            return scores[0].reshape(-1)
         top_k = next((getattr(next_block, n) for n in TOP_K_ATTRIBUTES
                       if isinstance(getattr(next_block, n, None), int)), None)
-        tokens = hidden.reshape(-1, hidden.shape[-1])
-        if router is None or top_k is None or tokens.shape[0] > self.max_tokens:
-            return ()
-        logits = router(tokens)
-        count = min(top_k + self.extra, logits.shape[-1])
-        best = mx.argpartition(-logits, kth=count - 1, axis=-1)[..., :count]
-        return np.unique(np.asarray(best)).tolist()
+        if top_k is None:
+            return None
+        count = min(top_k + self.extra, scores.shape[-1])
+        return mx.argpartition(-scores, kth=count - 1, axis=-1)[..., :count].reshape(-1)
+
+    def predict(self, layer: int, hidden: Any, next_block: Any) -> Sequence[int]:
+        guess = self.guess(layer, hidden, next_block)
+        return [] if guess is None else np.unique(np.asarray(guess)).tolist()
 
 
 @hookimpl
