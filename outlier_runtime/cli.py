@@ -70,6 +70,9 @@ def tiers(as_json: bool) -> None:
             f"{row['name']:<10} {row['display_name']:<8} {row['kind']:<10} {row['disk_gb']:>7.2f} GB disk  "
             f"downloaded: {downloaded:<12} runnable: {mark}  ({row['reason']})  {row['model']}"
         )
+        if row["memory_plan"]:
+            items = ", ".join(f"{line['name']} {line['gb']:.3f}" for line in row["memory_plan"]["lines"])
+            click.echo(f"{'':<10} memory plan (GB): {items}")
 
 
 def _size(nbytes: int) -> str:
@@ -119,15 +122,18 @@ def info(tier: str, as_json: bool, as_toml: bool) -> None:
     import tomli_w
 
     from outlier_runtime.core.plugin_manager import get_registry
-    from outlier_runtime.core.catalog import admission, discover, resolve_tier
+    from outlier_runtime.core.catalog import admission, discover, memory_plan, resolve_tier
 
-    manifest = resolve_tier(tier, get_registry())
-    ok, reason = admission(manifest)
+    registry = get_registry()
+    manifest = resolve_tier(tier, registry)
+    plan = memory_plan(manifest, registry)  # paged tiers whose model is on disk
+    ok, reason = admission(manifest, plan=plan)
     data = {
         "manifest": manifest.to_data(),
         "files": [str(f) for f in discover()[tier].files],
         "runnable": ok,
         "reason": reason,
+        "memory_plan": plan.to_dict() if plan else None,
     }
     if as_json:
         _emit_json(data)
@@ -142,6 +148,12 @@ def info(tier: str, as_json: bool, as_toml: bool) -> None:
     click.echo(f"# runnable here: {'yes' if ok else 'no'} ({reason})")
     if manifest.tier.reference_tok_s is not None:
         click.echo(f"# the product's published decode speed: {manifest.tier.reference_tok_s:g} tok/s (M1 Ultra 64 GB)")
+    if plan is not None:
+        click.echo("# memory plan:")
+        for line in plan.lines:
+            click.echo(f"# - {line.name}: {line.bytes / 1e9:.3f} GB ({line.note})")
+        for note in [*plan.notes, *plan.warnings]:
+            click.echo(f"# {note}")
     click.echo(body, nl=False)
 
 

@@ -200,8 +200,8 @@ def verify(model: str | None = None, slot_counts: list[int] | None = None, longe
     rhs_at = min(math.ceil(4 * experts / top_k), longest_prompt)
     greedy_prompt = prompts[max(n for n in lengths if n <= rhs_at)]
     greedy_expected = _greedy(resident, tokenizer, greedy_prompt, new_tokens)
-    # Room for every slot (the checkpoint's size bounds its experts); what is left is RAM cache.
-    cache_gb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e9
+    # Room for every slot and one read buffer per slot (twice the checkpoint bounds both).
+    cache_gb = 2 * sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e9
     for requested in counts:
         runtime = outlier_runtime.load("plus", model=str(path), k_override=requested, cache_gb=cache_gb, force=True)
         try:

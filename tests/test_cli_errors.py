@@ -35,6 +35,7 @@ BAD_INPUTS: dict[str, list[list[str]]] = {
     "pull": [["nosuch"], [], ["nano"], ["org/not-downloaded"]],  # the last two: offline
     "rm": [["nosuch"], []],
     "chat": [["nosuch"], ["nano", "--temp", "-1"], ["nano", "--model", "EMPTY", "--force"], []],
+    "verify": [["--model", NOWHERE], ["--model", "EMPTY"], ["--slots", "0"]],
 }
 
 

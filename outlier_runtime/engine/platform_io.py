@@ -56,6 +56,16 @@ class LinuxIO:
             except OSError:
                 pass
 
+    def forget_range(self, fd: int, offset: int, length: int) -> None:
+        """The range was read into our own buffer: drop its pages from the page cache, so buffered
+        expert reads do not fill memory with a second copy (a hint: failures are ignored)."""
+        advise = getattr(self._os, "posix_fadvise", None)
+        if advise is not None:
+            try:
+                advise(fd, offset, length, self._os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+
     def drop_cache(self, fd: int) -> bool:
         """Evict the file's pages from the page cache (dirty pages cannot be, so sync first)."""
         self._os.fdatasync(fd)
@@ -91,6 +101,9 @@ class MacIO:
             self._fcntl.fcntl(fd, self._rdadvise, _RADVISORY.pack(offset, min(length, _INT_MAX)))
         except OSError:
             pass
+
+    def forget_range(self, fd: int, offset: int, length: int) -> None:
+        """Nothing: macOS cannot drop a range; readers that must not cache use F_NOCACHE instead."""
 
     def drop_cache(self, fd: int) -> bool:
         return False

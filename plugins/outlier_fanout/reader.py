@@ -205,7 +205,10 @@ class FanoutReader:
                 if n % DIRECT_ALIGNMENT:
                     break  # the rest is no longer aligned: finish it buffered
         if done < total:
-            pread_into(self._files.fd(path), view[done:], offset + done, path)
+            fd = self._files.fd(path)
+            pread_into(fd, view[done:], offset + done, path)
+            # Our buffer holds the bytes now: a page-cache copy would be memory outside the bound.
+            self._io.forget_range(fd, offset + done, total - done)
         return done, total - done
 
     @staticmethod

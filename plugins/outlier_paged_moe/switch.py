@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from outlier_runtime.core.errors import ExactnessError
 from outlier_runtime.engine.kernels import (
@@ -53,6 +52,9 @@ class PagedSwitch(nn.Module):
         object.__setattr__(self, "_store", store)
         object.__setattr__(self, "_layer", layer)
         object.__setattr__(self, "_lookahead", lookahead)
+        # Imported here: listing plugins must not import mlx-lm (and its transformers).
+        from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
         object.__setattr__(self, "_quantized",
                            any(isinstance(m, QuantizedSwitchLinear) for _, m in inner.named_modules()))
         # The kernel rule to plan for; tests plan for Metal on CPU, where any plan is exact.
