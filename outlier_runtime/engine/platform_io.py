@@ -25,6 +25,8 @@ MACOS_F_RDADVISE = 44
 #: struct radvisory { off_t ra_offset; int ra_count; }: 8 + 4 bytes, padded to 16.
 _RADVISORY = struct.Struct("=qi4x")
 _INT_MAX = 2**31 - 1
+#: The page size the page cache works in (16 KiB on Apple Silicon, 4 KiB on most Linux).
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class LinuxIO:
@@ -56,13 +58,27 @@ class LinuxIO:
             except OSError:
                 pass
 
+    def prepare_buffered(self, fd: int) -> None:
+        """Expert reads jump around a shard: no readahead past each range (it would fill the page
+        cache with neighbours no one asked for, pages that ``forget_range`` never sees)."""
+        advise = getattr(self._os, "posix_fadvise", None)
+        if advise is not None:
+            try:
+                advise(fd, 0, 0, self._os.POSIX_FADV_RANDOM)
+            except OSError:
+                pass
+
     def forget_range(self, fd: int, offset: int, length: int) -> None:
         """The range was read into our own buffer: drop its pages from the page cache, so buffered
         expert reads do not fill memory with a second copy (a hint: failures are ignored)."""
         advise = getattr(self._os, "posix_fadvise", None)
         if advise is not None:
+            # The kernel drops only whole pages inside the range: widen it to page boundaries, or
+            # the page an expert shares with its neighbour would stay cached after every read.
+            start = offset - offset % PAGE
+            end = -(-(offset + length) // PAGE) * PAGE
             try:
-                advise(fd, offset, length, self._os.POSIX_FADV_DONTNEED)
+                advise(fd, start, end - start, self._os.POSIX_FADV_DONTNEED)
             except OSError:
                 pass
 
@@ -101,6 +117,9 @@ class MacIO:
             self._fcntl.fcntl(fd, self._rdadvise, _RADVISORY.pack(offset, min(length, _INT_MAX)))
         except OSError:
             pass
+
+    def prepare_buffered(self, fd: int) -> None:
+        """Nothing: macOS has no readahead advice per descriptor."""
 
     def forget_range(self, fd: int, offset: int, length: int) -> None:
         """Nothing: macOS cannot drop a range; readers that must not cache use F_NOCACHE instead."""

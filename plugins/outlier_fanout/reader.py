@@ -100,7 +100,7 @@ class FanoutReader:
         self._io = current_platform_io()
         self.direct = direct and self._io.uncached_available
         self._lock = threading.Lock()
-        self._files = FileTable()
+        self._files = FileTable(prepare=self._io.prepare_buffered)
         self._direct_files = FileTable(self._io.uncached_open_flags, self._io.prepare_uncached)
         self._refused: set[str] = set()  # files whose filesystem refused uncached reads
         self._pool: ThreadPoolExecutor | None = None

@@ -19,8 +19,8 @@ class PreadReader:
     """
 
     def __init__(self) -> None:
-        self._files = FileTable()
         self._io = current_platform_io()
+        self._files = FileTable(prepare=self._io.prepare_buffered)
         self.stats = {"reader": "pread", "io_mode": "buffered"}
 
     def read(self, requests: Sequence[ReadRequest]) -> None:
