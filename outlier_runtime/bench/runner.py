@@ -74,6 +74,19 @@ def choose_geometry(quick: bool = False, layers: int | None = None) -> Geometry:
     return replace(base, num_layers=layers) if layers else base
 
 
+#: What "pre-load RSS" means in every result: memory targets are measured above it.
+BASELINE = ("RSS of the configuration's process after one 3-token stock generation on a tiny model "
+            "(mlx's, mlx-lm's and the tokenizer's first-use costs paid, that model freed), before loading")
+
+
+def warm_model(cache_dir: Path) -> Path:
+    """The tiny model each configuration's process warms up on before its baseline is taken."""
+    from outlier_runtime.testing.tiny_models import build_tiny_model
+
+    path = cache_dir / "warmup-qwen3_moe"
+    return path if (path / "config.json").is_file() else build_tiny_model(path, "qwen3_moe", seed=1)
+
+
 def default_cache_dir() -> Path:
     """``$OUTLIER_HOME/bench-models``, else ``~/.cache/outlier-runtime/bench-models``."""
     home = os.environ.get("OUTLIER_HOME")
@@ -206,6 +219,7 @@ def run_bench(options: BenchOptions, echo: Echo = lambda s: None) -> tuple[Path,
     common = {
         "model": str(model_dir), "files": [str(f) for f in files], "prompt": options.prompt,
         "warmup_prompt": WARMUP_PROMPT, "tokens": options.tokens,
+        "warm_model": str(warm_model(cache_dir)),
     }
     run_names = [n for n in names if n not in skipped]
     # Later rounds repeat what is sensitive to other jobs on the machine (disk and paging).
@@ -251,6 +265,7 @@ def run_bench(options: BenchOptions, echo: Echo = lambda s: None) -> tuple[Path,
             "cold_cache": "the page-cache method on every shard and pack file before each "
                           "configuration and again before its timed generation",
             "page_cache_method": current_platform_io().page_cache_method,
+            "baseline": BASELINE,
         },
         "results": results,
         "elapsed_seconds": time.perf_counter() - started,

@@ -251,6 +251,7 @@ def _generate(model: Any, tokenizer: Any, prompt: str, tokens: int, stats: Calla
         run["engine_prefill"] = _diff(snaps[0], before)
         run["engine_decode"] = _diff(end_stats["total"], snaps[0])
         run["engine_config"] = end_stats.get("config", {})
+        run["engine_memory"] = end_stats.get("memory", {})
     if trace is not None and marks:
         run["trace_marks"] = {"first_token": marks[0], "last_token": marks[-1]}
     return run
@@ -326,12 +327,29 @@ def _replay(spec: dict[str, Any]) -> dict[str, Any]:
             "product_reads": shards}
 
 
+def _warm_up(path: str, prompt: str) -> None:
+    """Pay the process's first-use costs (allocator, kernels, tokenizer) on a tiny model, then free it."""
+    import gc
+
+    import mlx.core as mx
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(path)
+    mlx_lm.generate(model, tokenizer, prompt, max_tokens=3)
+    del model, tokenizer
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+
+
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     import mlx.core as mx
     import mlx_lm
 
     import outlier_runtime
 
+    if spec.get("warm_model") and spec["kind"] != "disk":
+        _warm_up(spec["warm_model"], spec["warmup_prompt"])
     baseline = current_rss_bytes()
     files = [Path(f) for f in spec["files"]]
     if spec["kind"] == "disk":
