@@ -199,7 +199,7 @@ def _toml_value(text: str) -> Any:
 def _print_stats(result: Any) -> None:
     click.echo(
         f"\n-- {result.generation_tokens} tokens, {result.generation_tps:.2f} tok/s decode, "
-        f"{result.prompt_tps:.1f} tok/s prompt, peak RSS {result.peak_rss_gb:.2f} GB",
+        f"{result.prompt_tps:.1f} tok/s prompt, peak RSS {result.peak_rss_gb:.2f} GB, mlx peak {result.peak_memory_gb:.3f} GB",
         err=True,
     )
     engine = result.engine
@@ -218,6 +218,10 @@ def _print_stats(result: Any) -> None:
         f"resident {total['slot_resident_bytes'] / 1e6:.1f} MB slots + {total['ram_cache_bytes'] / 1e6:.1f} MB RAM",
         err=True,
     )
+    memory = engine.get("memory") or {}
+    if memory and config.get("cache_bytes"):
+        click.echo(f"-- memory: engine peak {memory['engine_bytes_peak'] / 1e6:.1f} MB (slots + records) of "
+                   f"cache_gb {config['cache_bytes'] / 1e6:.1f} MB", err=True)
     click.echo(f"-- host syncs {total.get('host_syncs', 0)} over {total.get('calls', 0)} MoE layer calls "
                f"({total.get('host_syncs_per_call', 0.0):.2f} per call)", err=True)
     for row in engine["layers"]:
