@@ -135,6 +135,9 @@ class LayerSlots:
             # One tensor at a time: the transient host->mx copy is one piece, not the whole record.
             piece = mx.array(record[start:start + tensor.expert_nbytes])
             buffer[slot] = piece.view(tensor.dtype).reshape(tensor.expert_shape)  # in place (donated)
+        # Apply the update now: left lazy, every piece of a step's installs would stay alive in
+        # mlx's memory until the layer computes (a whole batch of records outside the bound).
+        mx.eval(self.buffers)
         self.expert_in_slot[slot] = expert
         self.slot_of[expert] = slot
 
