@@ -289,8 +289,9 @@ def _spec(name: str, options: BenchOptions, common: dict[str, Any], cache_gb: fl
         if load["reader"] == "fanout" and options.reader_options:
             load["reader_options"] = dict(options.reader_options)
         if spec["kind"] == "resident":  # every expert in a slot: the compute-only bound
+            # cache_gb counts the reads that fill the slots too: at most one record per slot.
             load.update(k_override=options.geometry.num_experts,
-                        cache_gb=options.geometry.total_expert_bytes / GB * 1.001)
+                        cache_gb=2 * options.geometry.total_expert_bytes / GB * 1.001)
         spec["load"] = {k: v for k, v in load.items() if v is not None}
     if spec.get("trace"):
         spec["trace_out"] = str(scratch / f"{name}.trace.json")
