@@ -229,3 +229,11 @@ def test_two_thousand_slow_sockets_with_the_default_cap(tiny, tmp_path_factory):
                 sock.close()
         assert process.poll() is None
         assert log_path.stat().st_size < 5 * 2**20
+
+
+def test_a_cross_site_form_post_is_not_run(server):
+    # A page can post text/plain without a preflight; its JSON-looking body must not be run.
+    body = json.dumps({"model": "outlier-nano", "prompt": "x", "max_tokens": 2})
+    response = httpx.post(f"{server}/completions", content=body, timeout=30,
+                          headers={**_auth(), "Content-Type": "text/plain"})
+    assert response.status_code == 400
