@@ -237,3 +237,74 @@ def test_a_cross_site_form_post_is_not_run(server):
     response = httpx.post(f"{server}/completions", content=body, timeout=30,
                           headers={**_auth(), "Content-Type": "text/plain"})
     assert response.status_code == 400
+
+
+def test_shutdown_is_bounded_with_a_generation_running_and_requests_queued(tiny, tmp_path):
+    import signal
+    import threading
+
+    home = tmp_path / "home-shutdown"
+    home.mkdir()
+    with running_server(tiny, home, API_KEY, CONTEXT_WINDOW) as (process, base_url, _):
+        body = {"model": "outlier-plus", "prompt": "def f(", "max_tokens": 20000, "stream": True}
+
+        def stream() -> None:
+            try:
+                with httpx.stream("POST", f"{base_url}/completions", json=body, headers=_auth(), timeout=60) as r:
+                    for _ in r.iter_lines():
+                        pass
+            except httpx.HTTPError:
+                pass  # the server went away: expected
+
+        clients = [threading.Thread(target=stream, daemon=True) for _ in range(4)]
+        for client in clients:
+            client.start()
+        time.sleep(2)  # one generating, three queued
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        assert time.monotonic() - started < 15
+
+
+def test_manifests_are_read_once_not_per_request(monkeypatch):
+    import outlier_runtime
+    from outlier_runtime.serve.model_host import ModelHost
+
+    calls = []
+    monkeypatch.setattr(outlier_runtime, "tiers", lambda: calls.append(1) or [
+        {"name": "nano", "error": None, "runnable": True}])
+    host = ModelHost()
+    try:
+        for _ in range(100):
+            assert host.tier_for("outlier-nano") == "nano"
+            host.served_tiers()
+        assert len(calls) == 1
+        host.refresh_tiers()  # what SIGHUP does
+        assert len(calls) == 2
+    finally:
+        host.close()
+
+
+@pytest.mark.soak
+def test_rss_stays_flat_over_mixed_good_and_bad_requests(served):
+    """The issue's figure: RSS after 500 mixed requests within 10% of RSS after 50."""
+    process, base_url, _ = served
+    port = _port(base_url)
+    server = psutil.Process(process.pid)
+    big_body = b'{"model": "outlier-nano", "prompt": "' + b"x" * (3 * 2**20) + b'"}'  # under the limit
+    big = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+           f"Content-Type: application/json\r\nContent-Length: {len(big_body)}\r\n\r\n").encode()
+    requests = [
+        lambda: _post(base_url, "/completions", {"model": "outlier-nano", "prompt": "def f(", "max_tokens": 4}),
+        lambda: _post(base_url, "/chat/completions", {**CHAT, "seed": -1}),
+        lambda: _post(base_url, "/completions", b'{"model": "outlier-nano", "prompt": '),
+        lambda: httpx.get(f"{base_url}/models", headers={**_auth(), "Host": "evil.example"}, timeout=10),
+        lambda: _raw(port, big, big_body),  # parsed, then refused by the prompt's length alone
+        lambda: _post(base_url, "/completions", {"model": "outlier-nano", "prompt": "x" * 5000}),
+    ]
+    rss = {}
+    for number in range(500):
+        requests[number % len(requests)]()
+        if number + 1 in (50, 500):
+            rss[number + 1] = server.memory_info().rss
+    assert rss[500] <= rss[50] * 1.10, rss
