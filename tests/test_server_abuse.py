@@ -266,6 +266,16 @@ def test_shutdown_is_bounded_with_a_generation_running_and_requests_queued(tiny,
         assert time.monotonic() - started < 15
 
 
+def test_sighup_rereads_the_manifests_and_keeps_serving(served):
+    import signal
+
+    process, base_url, _ = served
+    process.send_signal(signal.SIGHUP)  # the default action would end the process
+    time.sleep(1)
+    assert process.poll() is None
+    _legit_request(base_url)
+
+
 def test_manifests_are_read_once_not_per_request(monkeypatch):
     import outlier_runtime
     from outlier_runtime.serve.model_host import ModelHost
