@@ -121,5 +121,6 @@ def test_the_open_files_limit_is_raised_to_the_hard_limit():
         raised = raise_descriptor_limit()
         assert raised == resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 256
         assert connection_cap(100_000, raised) <= raised - 512
+        assert connection_cap(100, resource.RLIM_INFINITY) == 100
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -318,3 +318,10 @@ def test_rss_stays_flat_over_mixed_good_and_bad_requests(served):
         if number + 1 in (50, 500):
             rss[number + 1] = server.memory_info().rss
     assert rss[500] <= rss[50] * 1.10, rss
+
+
+def test_deeply_nested_json_is_a_400(served):
+    process, base_url, log_path = served
+    response = _post(base_url, "/completions", b"[" * 200_000 + b"]" * 200_000)
+    assert response.status_code == 400, response.text
+    assert process.poll() is None

@@ -47,6 +47,8 @@ def raise_descriptor_limit() -> int:
 
 def connection_cap(wanted: int, fd_limit: int) -> int:
     """At most ``wanted`` connections, and never so many that the process runs out of descriptors."""
+    if fd_limit == resource.RLIM_INFINITY:
+        return wanted
     return max(8, min(wanted, fd_limit - FD_RESERVE))
 
 
@@ -58,14 +60,12 @@ class GuardedH11Protocol(H11Protocol):
 
     max_connections = DEFAULT_MAX_CONNECTIONS
     head_timeout = DEFAULT_HEAD_TIMEOUT
-    refused = 0  # connections closed by the cap, for the log
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_timer: Any = None
         self._idle_since = self.loop.time()
         if len(self.connections) > self.max_connections and not self._evict_one():
-            type(self).refused += 1
             log.warning("connection limit (%d) reached with every connection busy: refused a new one",
                         self.max_connections)
             self.transport.close()
@@ -123,7 +123,7 @@ class GuardedH11Protocol(H11Protocol):
 def guarded_protocol(max_connections: int, head_timeout: float) -> type[GuardedH11Protocol]:
     """A protocol class for ``uvicorn.Config(http=...)`` with these limits."""
     return type("GuardedH11Protocol", (GuardedH11Protocol,),
-                {"max_connections": max_connections, "head_timeout": head_timeout, "refused": 0})
+                {"max_connections": max_connections, "head_timeout": head_timeout})
 
 
 class RepeatFilter(logging.Filter):
