@@ -358,8 +358,13 @@ def demo(prompt: str, max_tokens: int, k_override: int, cache_gb: float, reader:
 @click.option("--tier-override", "tier_overrides", multiple=True, metavar="TIER=PATH|TIER.KEY=VALUE",
               help="Serve TIER from a model directory, or set one of its load overrides "
                    "(e.g. plus.k_override=2, nano.context_window=4096). Repeatable.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Answer requests whose Host header names NAME (loopback names always). Repeatable.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Open connections kept at most; past it, idle ones are closed first.")
 @_paging_options
 def serve(host: str, port: int, api_key: str | None, preload: str | None, tier_overrides: tuple[str, ...],
+          allowed_hosts: tuple[str, ...], max_connections: int,
           model: str | None, k_override: int | None, cache_gb: float | None, reader: str | None,
           cache_policy: str | None, mmap_experts: bool | None, experts_per_token: int | None,
           prefetcher: str | None, settings: tuple[str, ...], force: bool) -> None:
@@ -379,7 +384,8 @@ def serve(host: str, port: int, api_key: str | None, preload: str | None, tier_o
                         cache_policy=cache_policy, mmap_experts=mmap_experts,
                         experts_per_token=experts_per_token, prefetcher=prefetcher)
     run_server(ServerConfig(host=host, port=port, api_key=api_key or None, force=force,
-                            tier_overrides=overrides, paging_overrides=paging, preload=preload))
+                            tier_overrides=overrides, paging_overrides=paging, preload=preload,
+                            allowed_hosts=list(allowed_hosts), max_connections=max_connections))
 
 
 def _check_model_paths(overrides: dict[str, dict[str, Any]]) -> None:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import httpx
 import mlx.core as mx
@@ -51,16 +51,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(tiny, home: Path, api_key: str, context_window: int) -> Iterator[tuple[subprocess.Popen, str, Path]]:
+def running_server(tiny, home: Path, api_key: str, context_window: int,
+                   extra_args: Sequence[str] = ()) -> Iterator[tuple[subprocess.Popen, str, Path]]:
     """A real `outlier serve` subprocess on a free loopback port: nano is a tiny dense llama with
     ``context_window`` tokens, plus a tiny qwen3 MoE paged with 2 slots per layer and no RAM cache.
-    Yields (process, base_url, log path)."""
+    ``extra_args`` are added to its command line. Yields (process, base_url, log path)."""
     port = free_port()
     command = [
         sys.executable, "-m", "outlier_runtime.cli", "serve", "--port", str(port), "--api-key", api_key,
         "--force", "--tier-override", f"nano={tiny('llama')}",
         "--tier-override", f"nano.context_window={context_window}",
-        "--tier-override", f"plus={tiny('qwen3_moe')}", "--k-override", "2", "--cache-gb", "0",
+        "--tier-override", f"plus={tiny('qwen3_moe')}", "--k-override", "2", "--cache-gb", "0", *extra_args,
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("OUTLIER_API_KEY", "OUTLIER_TIERS_PATH")}
     env.update(OUTLIER_HOME=str(home), HF_HUB_OFFLINE="1")

@@ -8,6 +8,7 @@ from pathlib import Path
 from outlier_runtime.embedded import SCHEME, embedded_model
 from outlier_runtime.core.errors import ModelNotFoundError
 from outlier_runtime.core.manifest import ModelSection
+from outlier_runtime.core.model_files import check_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +17,17 @@ MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja",
 
 
 def resolve_model(source: ModelSection, tier: str) -> Path:
-    """The local directory holding the model's weights, downloading them if needed and possible."""
+    """The local directory holding the model's weights, downloading them if needed and possible.
+
+    Its config.json and tokenizer files are checked here, so that every loader gets a model
+    directory whose small files are sound (see :func:`check_model_dir`).
+    """
+    path = _locate(source, tier)
+    check_model_dir(path)
+    return path
+
+
+def _locate(source: ModelSection, tier: str) -> Path:
     if source.path and source.path.startswith(SCHEME):
         return embedded_model(source.path)
     if source.path:

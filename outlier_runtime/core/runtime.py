@@ -10,6 +10,7 @@ from typing import Any, Generator, Sequence, Union
 
 import mlx.core as mx
 
+from outlier_runtime.core.chat_encoding import encode_chat
 from outlier_runtime.core.env_flags import check_env_flags
 from outlier_runtime.core.errors import ParameterError, RuntimeClosedError
 from outlier_runtime.core.manifest import TierManifest
@@ -110,7 +111,7 @@ class Runtime:
             messages = [dict(m) for m in prompt]
         if defaults.system_prompt and not any(m.get("role") == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": defaults.system_prompt})
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        return encode_chat(tokenizer, messages)  # message content is text, never control tokens
 
     def stream(
         self,
@@ -233,11 +234,24 @@ def _split_at_stop(pending: str, stops: Sequence[str]) -> tuple[str, str, bool]:
     """Split new text into (text to yield, text to hold back, whether a stop string was hit).
 
     On a hit, the text before the first stop string is yielded. Otherwise the longest tail of
-    ``pending`` that begins some stop string is held back.
+    ``pending`` that begins some stop string is held back. ``pending`` is the held text plus one
+    new piece, so the work per token is linear in it and in the stop strings, never quadratic:
+    only the last ``len(stop) - 1`` characters can begin a stop string, and only the positions
+    there that hold the stop string's first character are tried.
     """
     stops = [s for s in stops if s]
     positions = [p for p in (pending.find(s) for s in stops) if p >= 0]
     if positions:
         return pending[:min(positions)], "", True
-    keep = max((n for s in stops for n in range(1, len(s)) if pending.endswith(s[:n])), default=0)
-    return pending[:len(pending) - keep], pending[len(pending) - keep:], False
+    cut = len(pending)
+    for stop in stops:
+        start = max(0, len(pending) - len(stop) + 1)
+        while start < cut:
+            start = pending.find(stop[0], start, cut)
+            if start < 0:
+                break
+            if stop.startswith(pending[start:]):
+                cut = start  # the earliest such start holds back the longest tail
+                break
+            start += 1
+    return pending[:cut], pending[cut:], False

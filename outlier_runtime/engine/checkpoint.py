@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from outlier_runtime.core.errors import CheckpointError
+from outlier_runtime.engine.fileio import open_regular
 
 #: The safetensors format caps the header at 100 MB; a larger length is corrupt or hostile.
 MAX_HEADER_BYTES = 100_000_000
@@ -45,8 +46,9 @@ class TensorEntry:
 def read_shard_header(path: str | os.PathLike[str]) -> dict[str, TensorEntry]:
     """Parse and validate one safetensors file's header; returns its tensors by name."""
     path = str(path)
+    fd = open_regular(path)  # a FIFO or a directory in a shard's place is refused, not waited on
     try:
-        with open(path, "rb") as handle:
+        with os.fdopen(fd, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             prefix = handle.read(8)
             if len(prefix) < 8:

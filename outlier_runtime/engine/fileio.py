@@ -2,15 +2,58 @@
 
 Readers run in the generating thread and in prefetch or worker threads at once, so both are
 thread safe, and a descriptor is never closed while another thread may still read from it.
+A descriptor is kept for as long as its path names the same file: a file replaced on disk
+(renamed over, as ``outlier pack`` and Hugging Face downloads do) never changes under a
+reader, and is opened afresh only after a read error, once the path names another file.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from typing import Callable
 
-from outlier_runtime.core.errors import ExpertReadError
+from outlier_runtime.core.errors import CheckpointError, ExpertReadError
+
+
+def open_regular(path: str | os.PathLike[str], flags: int = 0, error: type[CheckpointError] = CheckpointError) -> int:
+    """Open ``path`` read-only and return its descriptor, refusing anything but a regular file.
+
+    Opened non-blocking first: ``open()`` of a FIFO would wait forever for a writer.
+    """
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | flags)
+    except OSError as exc:
+        raise error(f"{path}: cannot open: {exc.strerror or exc}", path) from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise error(f"{path}: not a regular file ({_kind(mode)}); replace it with the real file", path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def same_file(fd: int, path: str) -> bool:
+    """Whether ``path`` still names the file open on ``fd`` (True when the path is gone: keep reading it)."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return True
+    held = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
 
 
 class FileTable:
@@ -32,10 +75,7 @@ class FileTable:
             return fd
         with self._lock:
             if path not in self._fds:
-                try:
-                    fd = os.open(path, os.O_RDONLY | self._flags)
-                except OSError as exc:
-                    raise ExpertReadError(f"{path}: cannot open: {exc.strerror or exc}", path) from exc
+                fd = open_regular(path, self._flags, ExpertReadError)
                 if self._prepare is not None:
                     try:
                         self._prepare(fd)
@@ -46,12 +86,13 @@ class FileTable:
             return self._fds[path]
 
     def forget(self, path: str) -> None:
-        """Stop using ``path``'s descriptor (after an error): the next read opens the file afresh,
-        so a shard that was replaced (re-downloaded) is read, not the old file still held open."""
+        """After a read error: if ``path`` now names another file (a shard re-downloaded), the next
+        read opens it afresh. Otherwise the descriptor is kept, so that repeated failures of the
+        same file never pile up descriptors (retired ones stay open until close())."""
         with self._lock:
-            fd = self._fds.pop(path, None)
-            if fd is not None:
-                self._retired.append(fd)
+            fd = self._fds.get(path)
+            if fd is not None and not same_file(fd, path):
+                self._retired.append(self._fds.pop(path))
 
     def close(self) -> None:
         with self._lock:

@@ -5,6 +5,9 @@ in arrival order and never interleave inside a model; switching tiers closes the
 Runtime before loading the next. A :class:`GenerationJob` carries one request's generation
 and hands its events (started, chunk, done, error) to the event loop through an asyncio
 queue; setting its ``cancelled`` flag stops the generation at the next chunk.
+
+The served tiers are resolved once (off the event loop) and again only on :meth:`refresh_tiers`
+(SIGHUP): reading manifests per request would stall every client behind a large one.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -23,8 +27,17 @@ from outlier_runtime.core.runtime import Prompt, Runtime
 
 log = logging.getLogger(__name__)
 
+#: Requests waiting for the worker; more get 503 (each holds its prompt in memory).
+MAX_QUEUED_JOBS = 64
+#: A prompt longer than this many characters per context-window token cannot fit: refused
+#: before tokenizing (tokenizers use far more memory than the text). Generous on purpose:
+#: tokens of long runs of spaces or punctuation can be this long.
+MAX_CHARS_PER_TOKEN = 32
+#: How long shutdown waits for the worker to stop (queued jobs are cancelled, not run).
+SHUTDOWN_SECONDS = 10.0
 
-@dataclass
+
+@dataclass(eq=False)  # hashed by identity: the host keeps a set of its jobs
 class GenerationJob:
     """One request's generation, run on the worker; events flow back to the event loop."""
 
@@ -53,6 +66,12 @@ class ModelHost:
         self._force = force
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outlier-model")
         self._runtime: Runtime | None = None
+        self._tiers: list[dict[str, Any]] | None = None
+        self._jobs: set[GenerationJob] = set()  # submitted and not finished
+        self._jobs_lock = threading.Lock()
+        #: Counters only: never a request's or a reply's text (anyone with the key may read them).
+        self.counters = {"requests": 0, "completed": 0, "failed": 0, "cancelled": 0, "refused_busy": 0,
+                         "prompt_tokens": 0, "generation_tokens": 0}
         self.last_stats: dict[str, Any] | None = None
 
     @property
@@ -60,12 +79,19 @@ class ModelHost:
         runtime = self._runtime
         return runtime.name if runtime is not None else None
 
-    def served_tiers(self) -> list[dict[str, Any]]:
-        """Tiers with a valid manifest that this machine can run (every valid one with --force)."""
+    def refresh_tiers(self) -> list[dict[str, Any]]:
+        """Read the manifests again (at start, and on SIGHUP); blocking: call it off the event loop."""
         import outlier_runtime
 
-        return [row for row in outlier_runtime.tiers()
-                if row["error"] is None and (row["runnable"] or self._force)]
+        started = time.perf_counter()
+        self._tiers = [row for row in outlier_runtime.tiers()
+                       if row["error"] is None and (row["runnable"] or self._force)]
+        log.info("serving %d tiers (manifests read in %.2f s)", len(self._tiers), time.perf_counter() - started)
+        return self._tiers
+
+    def served_tiers(self) -> list[dict[str, Any]]:
+        """Tiers with a valid manifest that this machine can run (every valid one with --force)."""
+        return self._tiers if self._tiers is not None else self.refresh_tiers()
 
     def tier_for(self, model: str) -> str:
         names = [row["name"] for row in self.served_tiers()]
@@ -77,15 +103,32 @@ class ModelHost:
         return tier
 
     def submit(self, job: GenerationJob) -> None:
+        with self._jobs_lock:
+            if len(self._jobs) >= MAX_QUEUED_JOBS:
+                self.counters["refused_busy"] += 1
+                raise ApiError(503, f"The server has {MAX_QUEUED_JOBS} requests queued; retry shortly.",
+                               type="server_error", code="server_busy")
+            self._jobs.add(job)
+            self.counters["requests"] += 1
         self._worker.submit(self._generate, job)
 
     def preload(self, tier: str) -> None:
         self._worker.submit(self._preload, tier)
 
-    def close(self) -> None:
-        """Finish queued work, then free the resident model."""
-        self._worker.submit(self._unload)
-        self._worker.shutdown(wait=True)
+    def close(self, timeout: float = SHUTDOWN_SECONDS) -> bool:
+        """Cancel queued work, stop the generation in progress, free the model; False if the worker
+        did not finish within ``timeout`` seconds (a load in progress cannot be interrupted)."""
+        with self._jobs_lock:
+            for job in self._jobs:
+                job.cancelled.set()
+        done = self._worker.submit(self._unload)
+        self._worker.shutdown(wait=False, cancel_futures=False)
+        try:
+            done.result(timeout=timeout)
+        except Exception:  # noqa: BLE001 - a timeout, or a failed unload: either way, stop waiting
+            log.warning("the model worker did not stop within %.0f s; exiting without it", timeout)
+            return False
+        return True
 
     # Everything below runs on the worker thread only.
 
@@ -110,10 +153,23 @@ class ModelHost:
         return self._runtime
 
     def _generate(self, job: GenerationJob) -> None:
+        try:
+            self._run(job)
+        finally:
+            with self._jobs_lock:
+                self._jobs.discard(job)
+
+    def _count(self, name: str, amount: int = 1) -> None:
+        with self._jobs_lock:
+            self.counters[name] += amount
+
+    def _run(self, job: GenerationJob) -> None:
         if job.cancelled.is_set():
+            self._count("cancelled")
             return  # the client left while the request was queued
         try:
             runtime = self._ensure(job.tier)
+            check_prompt_size(runtime, job.prompt, job.prompt_param)
             prompt_tokens = len(runtime.encode(job.prompt, chat=job.chat))
             budget = token_budget(runtime, prompt_tokens, job.max_tokens, job.prompt_param)
             job.emit("started", prompt_tokens)
@@ -123,23 +179,50 @@ class ModelHost:
                     job.emit("chunk", chunk.text)
                     if job.cancelled.is_set():
                         log.info("client disconnected: stopped generating on tier %s", job.tier)
+                        self._count("cancelled")
                         return
             result = runtime.last_result
-            self.last_stats = {"tier": runtime.name, "result": result.to_dict() if result else None}
+            self.last_stats = {"tier": runtime.name, "result": counters_of(result) if result else None}
+            self._count("completed")
+            if result:
+                self._count("prompt_tokens", result.prompt_tokens)
+                self._count("generation_tokens", result.generation_tokens)
             job.emit("done", result)
         except ApiError as exc:
+            self._count("failed")
             job.emit("error", exc)
         except ParameterError as exc:  # the runtime's own checks (an empty prompt, a bad top_p, ...)
             job.emit("error", ApiError(400, str(exc), param=exc.param))
         except (TierNotFoundError, AdmissionError) as exc:
+            self._count("failed")
             job.emit("error", ApiError(400, str(exc), param="model"))
         except OutlierError as exc:
+            self._count("failed")
             log.error("tier %s failed: %s", job.tier, exc)
             job.emit("error", ApiError(500, str(exc), type="server_error"))
         except Exception:
+            self._count("failed")
             log.exception("generation on tier %s failed", job.tier)
             job.emit("error", ApiError(500, "The server failed while generating; see its log.",
                                        type="server_error"))
+
+
+def counters_of(result: Any) -> dict[str, Any]:
+    """A result's statistics without its text or tokens: what the stats route may show anyone."""
+    return {k: v for k, v in result.to_dict().items() if k not in ("text", "tokens")}
+
+
+def check_prompt_size(runtime: Runtime, prompt: Any, prompt_param: str) -> None:
+    """Refuse a prompt that cannot fit the context window by its length alone, before tokenizing it."""
+    window = runtime.manifest.generation.context_window
+    if isinstance(prompt, str):
+        chars = len(prompt)
+    else:
+        chars = sum(len(m.get("content") or "") for m in prompt if isinstance(m.get("content"), str))
+    if chars > window * MAX_CHARS_PER_TOKEN:
+        raise ApiError(400, f"This model's maximum context length is {window} tokens, and the prompt has "
+                            f"{chars} characters, more than {MAX_CHARS_PER_TOKEN} per token. Shorten the prompt.",
+                       param=prompt_param, code="context_length_exceeded")
 
 
 def token_budget(runtime: Runtime, prompt_tokens: int, requested: int | None, prompt_param: str) -> int:

@@ -8,17 +8,63 @@ text (``user``, ``metadata``, ``store``, ...) are declared below and ignored on 
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal, Optional, Union
+from typing import Annotated, Any, Callable, ClassVar, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from outlier_runtime.core.results import GenerationResult
 
 #: Served tiers are named ``outlier-<tier>`` in ``/v1/models`` and the ``model`` field.
 MODEL_PREFIX = "outlier-"
+
+# Request limits, checked while parsing (before anything is tokenized); each refusal is a 400
+# naming the field and the limit. The body itself is bounded by the server (serve/guard.py).
+MAX_MESSAGES = 1024
+#: Characters per message content (or prompt); the context-window check comes later, on tokens.
+MAX_CONTENT_CHARS = 1_000_000
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+#: ``seed`` is an unsigned 64-bit integer (what mlx's generator takes).
+MAX_SEED = 2**64 - 1
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_lone_surrogates(text: str) -> str:
+    # JSON may escape half of a UTF-16 pair ("\ud800"): no tokenizer can encode that text.
+    match = _SURROGATE.search(text)
+    if match:
+        raise ValueError(f"text contains a lone UTF-16 surrogate (U+{ord(match.group()):04X}) at character "
+                         f"{match.start()}; send valid Unicode")
+    return text
+
+
+#: Text the server passes on: valid Unicode.
+Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
+Content = Annotated[str, Field(max_length=MAX_CONTENT_CHARS), AfterValidator(_no_lone_surrogates)]
+
+
+def _bounded_stops(stop: Union[str, list[str], None]) -> Union[str, list[str], None]:
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if len(stops) > MAX_STOPS:
+        raise ValueError(f"at most {MAX_STOPS} stop sequences are allowed, not {len(stops)}")
+    for text in stops:
+        if len(text) > MAX_STOP_CHARS:
+            raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters, not {len(text)}")
+        _no_lone_surrogates(text)
+    return stop
+
+
+def _bounded_prompt(prompt: Union[str, list[str]]) -> Union[str, list[str]]:
+    for text in [prompt] if isinstance(prompt, str) else prompt[:1]:  # more than one is refused later
+        if len(text) > MAX_CONTENT_CHARS:
+            raise ValueError(f"the prompt may have at most {MAX_CONTENT_CHARS} characters, not {len(text)}")
+        _no_lone_surrogates(text)
+    return prompt
 
 
 class ApiError(Exception):
@@ -72,9 +118,9 @@ class ChatMessage(_Strict):
 
     role: Literal["system", "developer", "user", "assistant"]
     #: A string, or a list of text parts (``{"type": "text", "text": ...}``), joined.
-    content: str = ""
+    content: Content = ""
     #: Harmless: chat templates have no place for a participant name.
-    name: Optional[str] = None
+    name: Optional[Text] = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -97,16 +143,16 @@ class ChatMessage(_Strict):
 class _GenerationRequest(_Strict):
     """Fields shared by chat and text completions."""
 
-    model: str
+    model: Text
     max_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: Optional[float] = Field(default=None, ge=0, le=2)
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    stop: Annotated[Union[str, list[str], None], AfterValidator(_bounded_stops)] = None
+    seed: Optional[int] = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     # Harmless extras OpenAI clients send: accepted and ignored on purpose.
-    user: Optional[str] = None
+    user: Optional[Text] = None
     # Declared so that asking for them gets a clear 400 (see UNSUPPORTED), not "unknown field".
     n: Any = None
     logit_bias: Any = None
@@ -146,7 +192,7 @@ class _GenerationRequest(_Strict):
 class ChatCompletionRequest(_GenerationRequest):
     """``POST /v1/chat/completions``."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     #: The newer name of max_tokens; either may be given.
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     # Harmless extras: bookkeeping fields that do not change the generated text.
@@ -200,7 +246,7 @@ class ChatCompletionRequest(_GenerationRequest):
 class CompletionRequest(_GenerationRequest):
     """``POST /v1/completions`` (raw text, no chat template)."""
 
-    prompt: Union[str, list[str]]
+    prompt: Annotated[Union[str, list[str]], AfterValidator(_bounded_prompt)]
     best_of: Any = None
     echo: Any = None
     logprobs: Any = None

@@ -2,8 +2,10 @@
 
 The routes here parse requests and stream replies; :mod:`.model_host` keeps the one resident
 model and runs every generation on a single worker thread (queued, never interleaved);
-:mod:`.openai_api` holds the wire format (request models, error bodies, reply objects).
+:mod:`.openai_api` holds the wire format (request models, error bodies, reply objects);
+:mod:`.guard` checks the Host and bounds the body, :mod:`.connections` bounds connections.
 A client that disconnects cancels its job, and the worker stops at the next chunk.
+See docs/security.md for the threat model.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
+import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
@@ -25,6 +29,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from outlier_runtime.core.errors import OutlierError
+from outlier_runtime.serve.connections import DEFAULT_HEAD_TIMEOUT, DEFAULT_MAX_CONNECTIONS
+from outlier_runtime.serve.guard import BodyGuard, GuardConfig, HostGuard
 from outlier_runtime.serve.model_host import GenerationJob, ModelHost
 from outlier_runtime.serve.openai_api import (
     MODEL_PREFIX,
@@ -65,6 +71,16 @@ class ServerConfig:
     paging_overrides: dict[str, Any] = field(default_factory=dict)
     #: A tier to load at start; otherwise the first request loads its tier.
     preload: str | None = None
+    #: Host header values served besides loopback names (``--allowed-host``).
+    allowed_hosts: list[str] = field(default_factory=list)
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    #: Seconds a connection has to send each request head.
+    head_timeout: float = DEFAULT_HEAD_TIMEOUT
+    #: Body limits and timeout (see :class:`GuardConfig` for the defaults).
+    guard_limits: dict[str, Any] = field(default_factory=dict)
+
+    def guard(self) -> GuardConfig:
+        return GuardConfig.for_bind(self.host, self.allowed_hosts, **self.guard_limits)
 
     def load_overrides(self, tier: str) -> dict[str, Any]:
         """The overrides ``load(tier, ...)`` gets: the paging knobs its loader accepts, then the tier's own."""
@@ -212,16 +228,25 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, host.refresh_tiers)  # once, off the event loop
+        with contextlib.suppress(NotImplementedError, AttributeError, RuntimeError):  # no SIGHUP on Windows
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, host.refresh_tiers))
         if config.preload:
             host.preload(config.preload)
         yield
-        await asyncio.get_running_loop().run_in_executor(None, host.close)
+        # Bounded: queued requests are cancelled and the one in progress stops at its next token.
+        app.state.worker_stopped = await loop.run_in_executor(None, host.close)
 
     # No interactive docs: they would be reachable without the API key.
     app = FastAPI(title="outlier-runtime", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.host = host
+    guard = config.guard()
+    # Outermost last: the Host check, then the key, then the body is read (only for callers with the key).
+    app.add_middleware(BodyGuard, config=guard)
     if config.api_key:
         app.add_middleware(BearerAuth, api_key=config.api_key)
+    app.add_middleware(HostGuard, config=guard)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -260,10 +285,12 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/outlier/stats")
     async def stats() -> dict[str, Any]:
-        """Which tier is loaded, and the last completed request's result with its engine statistics."""
+        """Which tier is loaded, request counters, and the last completed request's statistics
+        (token counts, speeds, engine counters): never a prompt's or a reply's text."""
         tier = host.loaded_tier
         return {"object": "outlier.stats", "loaded_tier": tier,
-                "loaded_model": MODEL_PREFIX + tier if tier else None, "last_request": host.last_stats}
+                "loaded_model": MODEL_PREFIX + tier if tier else None, "requests": dict(host.counters),
+                "last_request": host.last_stats}
 
     return app
 
@@ -277,17 +304,36 @@ def _job(body: ChatCompletionRequest | CompletionRequest, tier: str, prompt: Pro
 
 def serve(config: ServerConfig) -> None:
     """Check the configuration, then serve until interrupted."""
+    import mlx_lm.utils  # noqa: F401 - it lowers the open-files limit at import: let it, then raise it
     import uvicorn
 
     from outlier_runtime.core.plugin_manager import get_registry
     from outlier_runtime.core.catalog import resolve_tier
+    from outlier_runtime.serve.connections import (
+        connection_cap,
+        guarded_protocol,
+        install_repeat_filter,
+        raise_descriptor_limit,
+    )
 
     check_bind(config.host, config.api_key)
     get_registry()  # load the plugins now: a broken one fails here, not on the first request
     for tier in {*config.tier_overrides, *([config.preload] if config.preload else [])}:
         resolve_tier(tier, get_registry(), config.load_overrides(tier))  # fail now, not on first request
-    log.info("serving on http://%s:%d/v1 (API key %s)", config.host, config.port,
-             "required" if config.api_key else "not required")
-    # On shutdown, streams still open after a few seconds are cancelled, which stops their generation.
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info",
-                timeout_graceful_shutdown=5)
+    fd_limit = raise_descriptor_limit()
+    max_connections = connection_cap(config.max_connections, fd_limit)
+    log.info("serving on http://%s:%d/v1 (API key %s; at most %d connections, open-files limit %d)",
+             config.host, config.port, "required" if config.api_key else "not required", max_connections, fd_limit)
+    app = create_app(config)
+    uvicorn_config = uvicorn.Config(
+        app, host=config.host, port=config.port, log_level="info",
+        http=guarded_protocol(max_connections, config.head_timeout),
+        timeout_keep_alive=5,
+        h11_max_incomplete_event_size=16 * 1024,  # a request head larger than this is refused
+        # On shutdown, streams still open after a few seconds are cancelled, which stops their generation.
+        timeout_graceful_shutdown=5,
+    )
+    install_repeat_filter()  # after uvicorn configured its loggers
+    uvicorn.Server(uvicorn_config).run()
+    if getattr(app.state, "worker_stopped", True) is False:
+        os._exit(1)  # the worker is stuck (a model load): Python would wait for it at exit

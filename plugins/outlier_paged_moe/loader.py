@@ -8,6 +8,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from outlier_runtime.engine.checkpoint import read_checkpoint
+from outlier_runtime.engine.lazy_load import load_lazily
 from outlier_runtime.core.errors import CheckpointError, ParameterError
 from outlier_runtime.engine.experts import (
     ExpertIndex,
@@ -64,14 +65,12 @@ class PagedMoELoader:
         return _budget(request, layout, geometry.non_expert_bytes, geometry.activation_bytes, geometry.config).plan
 
     def load(self, request: LoadRequest) -> LoadedModel:
-        import mlx_lm
-
         paging = request.options
         path = request.model_path
         # Validate every shard first: a missing or truncated file is named here, not deep in mlx.
         entries = read_checkpoint(path)
         # lazy=True: nothing is read until evaluated, so the stacked experts are never read whole.
-        model, tokenizer = mlx_lm.load(str(path), lazy=True)
+        model, tokenizer = load_lazily(path, entries)  # a checkpoint unlike its config.json is named
         sites = find_switch_modules(model)
         if not sites:
             raise CheckpointError(

@@ -54,7 +54,7 @@ class PagedMoEOptions(PluginOptions):
     experts_per_token: Optional[int] = Field(default=None, ge=1,
                                              description="Override the router's top-k. Changes results.")
     use_pack: bool = Field(default=True, description="Use a packed expert layout when a valid one exists.")
-    verify_checksums: bool = Field(default=False, description="Verify per-expert checksums of pack records on read.")
+    verify_checksums: bool = Field(default=True, description="Verify each pack record read from disk against its CRC32.")
 
     @model_validator(mode="before")
     @classmethod

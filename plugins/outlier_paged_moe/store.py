@@ -18,6 +18,7 @@ read never leaves a half-written expert that a later step would compute with.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import zlib
@@ -33,6 +34,8 @@ from outlier_runtime.core.protocols import CachePolicy, Reader, ReadRequest
 
 from .records import RecordPool, record_stride
 from .stats import LayerStats, snapshot
+
+log = logging.getLogger(__name__)
 
 EMPTY = -1
 #: A failed batch read is tried this many times in all before its error reaches the caller.
@@ -160,6 +163,20 @@ def _verify(layer: ExpertLayer, expert: int, record: np.ndarray) -> None:
         )
 
 
+def checksum_coverage(index: ExpertIndex, verify: bool) -> str:
+    """What ``verify_checksums`` covers here, in words (shown as the engine's ``checksums``)."""
+    packed = [layer for layer in index.layers if layer.packed is not None]
+    if not verify:
+        return "off"
+    if not packed:
+        return "no pack in use: expert bytes come from the shards, which carry no checksums"
+    bare = [layer for layer in packed if layer.packed.checksums is None]
+    if bare:
+        return (f"nothing to verify: the pack at {bare[0].packed.path} has no checksums (built with "
+                f"--no-checksums); rebuild it with `outlier pack` to verify expert records")
+    return "verified"
+
+
 class ExpertStore:
     """Makes sure the experts a step needs are in slots, reading misses from RAM or disk."""
 
@@ -182,6 +199,10 @@ class ExpertStore:
         self.stats = [LayerStats() for _ in index.layers]
         self.info = dict(info or {})
         self.verify_checksums = verify_checksums
+        self.info["checksums"] = checksum_coverage(index, verify_checksums)
+        if self.info["checksums"].startswith("nothing to verify: the pack"):
+            # Asked for, but the pack has nothing to compare with: say so, never verify nothing silently.
+            log.warning("verify_checksums is on, but %s", self.info["checksums"])
         self._lock = threading.RLock()
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: dict[tuple[int, int], tuple[np.ndarray, Future]] = {}

@@ -9,11 +9,15 @@ from typing import Sequence
 
 from outlier_runtime.core.errors import ExpertReadError
 from outlier_runtime.core.protocols import ReadRequest
+from outlier_runtime.engine.fileio import open_regular, same_file
 
 
 class MmapReader:
     """Maps each file once. The size is re-checked before every copy: touching a page past
-    the end of a file that shrank would kill the process with SIGBUS, not raise."""
+    the end of a file that shrank would kill the process with SIGBUS, not raise. (Files are
+    replaced by rename, never rewritten in place, by ``outlier pack`` and by Hugging Face
+    downloads; a program that truncates a mapped file in place between the check and the
+    copy can still fault it, which no in-process check can prevent.)"""
 
     def __init__(self) -> None:
         self._maps: dict[str, tuple[int, mmap.mmap]] = {}
@@ -25,11 +29,11 @@ class MmapReader:
     def _map(self, path: str) -> tuple[int, mmap.mmap]:
         with self._lock:
             if path not in self._maps:
+                fd = open_regular(path, error=ExpertReadError)
                 try:
-                    with open(path, "rb") as handle:
-                        fd = os.dup(handle.fileno())
                     self._maps[path] = (fd, mmap.mmap(fd, 0, access=mmap.ACCESS_READ))
                 except (OSError, ValueError) as exc:
+                    os.close(fd)
                     raise ExpertReadError(f"{path}: cannot map: {exc}", path) from exc
             return self._maps[path]
 
@@ -39,17 +43,19 @@ class MmapReader:
             end = request.offset + request.length
             size = os.fstat(fd).st_size
             if end > size or end > len(mapped):
-                self._retire(request.path)  # a replaced (re-downloaded) file is mapped afresh
+                self._retire(request.path, size)
                 raise ExpertReadError(
                     f"{request.path}: file ends at byte {size}, before {end} (truncated shard?)", request.path
                 )
             request.out[:] = memoryview(mapped)[request.offset:end]
 
-    def _retire(self, path: str) -> None:
+    def _retire(self, path: str, size: int) -> None:
+        """Map ``path`` afresh next time if it now names another file (re-downloaded) or grew past
+        the map; otherwise keep the map, so repeated failures never pile up maps and descriptors."""
         with self._lock:
-            entry = self._maps.pop(path, None)
-            if entry is not None:
-                self._retired.append(entry)
+            entry = self._maps.get(path)
+            if entry is not None and (not same_file(entry[0], path) or size > len(entry[1])):
+                self._retired.append(self._maps.pop(path))
 
     def close(self) -> None:
         with self._lock:
