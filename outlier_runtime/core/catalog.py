@@ -389,5 +389,8 @@ def list_tiers(registry: Registry) -> list[TierStatus]:
             statuses.append(TierStatus(manifest, name, source.files, False, str(exc)))
             continue
         ok, reason = admission(manifest, plan=plan)
+        if plan is None and plans_memory(manifest, registry):
+            reason += f"; the tier's headline figure: its memory is planned from the model once on disk " \
+                      f"(`outlier pull {name}`)"
         statuses.append(TierStatus(manifest, name, source.files, ok, reason, plan=plan))
     return statuses
