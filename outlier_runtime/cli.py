@@ -224,6 +224,9 @@ def _print_stats(result: Any) -> None:
                    f"cache_gb {config['cache_bytes'] / 1e6:.1f} MB", err=True)
     click.echo(f"-- host syncs {total.get('host_syncs', 0)} over {total.get('calls', 0)} MoE layer calls "
                f"({total.get('host_syncs_per_call', 0.0):.2f} per call)", err=True)
+    if total.get("resident_calls"):
+        click.echo(f"-- {total['resident_calls']} of those calls on layers holding every expert "
+                   f"(the original module, no sync, no lookup)", err=True)
     for row in engine["layers"]:
         click.echo(
             f"   layer {row['layer']:>3}: hits {row['slot_hits']:>6} ram {row['ram_hits']:>6} "
