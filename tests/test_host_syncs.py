@@ -160,3 +160,13 @@ def test_run_stats_show_host_syncs(tiny):
     line = next(line for line in result.stderr.splitlines() if line.startswith("-- host syncs"))
     syncs, calls = int(line.split()[3]), int(line.split()[5])
     assert syncs == calls > 0 and line.endswith("(1.00 per call)")
+
+
+def test_run_stats_count_calls_on_fully_resident_layers(tiny):
+    path = tiny("qwen3_moe")  # 16 experts: 16 slots hold them all
+    result = CliRunner().invoke(main, ["run", "plus", "x", "--model", str(path), "--k-override", "16",
+                                       "--cache-gb", "1", "--max-tokens", "3", "--raw", "--stats", "--force"])
+    assert result.exit_code == 0, result.output
+    syncs = next(line for line in result.stderr.splitlines() if line.startswith("-- host syncs"))
+    resident = next(line for line in result.stderr.splitlines() if "layers holding every expert" in line)
+    assert syncs.startswith("-- host syncs 0 over ") and int(resident.split()[1]) == int(syncs.split()[5]) > 0
