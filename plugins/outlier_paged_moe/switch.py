@@ -122,10 +122,11 @@ class PagedSwitch(nn.Module):
             object.__setattr__(self, "_filled", True)
         stats.calls += 1
         stats.resident_calls += 1
-        plan = self._plans.get(indices.size)
-        if plan is None:  # a pure function of the call's shape: computed once per size
+        key = (indices.size, self.kernel_backend, self.nax)
+        plan = self._plans.get(key)
+        if plan is None:  # a pure function of the call's shape and the rule: computed once each
             target = self._kernel(indices.size, self._store.layers[self._layer].num_slots)
-            plan = self._plans[indices.size] = KernelPlan(target, [(indices.size, indices.size, target)])
+            plan = self._plans[key] = KernelPlan(target, [(indices.size, indices.size, target)])
         self.last_plan = plan
         return self._inner(x, indices)
 
