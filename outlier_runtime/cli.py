@@ -227,6 +227,9 @@ def _print_stats(result: Any) -> None:
                    f"cache_gb {config['cache_bytes'] / 1e6:.1f} MB", err=True)
     click.echo(f"-- host syncs {total.get('host_syncs', 0)} over {total.get('calls', 0)} MoE layer calls "
                f"({total.get('host_syncs_per_call', 0.0):.2f} per call)", err=True)
+    if total.get("resident_calls"):
+        click.echo(f"-- {total['resident_calls']} of those calls on layers holding every expert "
+                   f"(the original module, no sync, no lookup)", err=True)
     for row in engine["layers"]:
         click.echo(
             f"   layer {row['layer']:>3}: hits {row['slot_hits']:>6} ram {row['ram_hits']:>6} "
@@ -487,17 +490,19 @@ def new_tier(name: str, base: str, directory: Path | None) -> None:
 @click.argument("model", default="embedded:demo-moe")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("routing-report"), show_default=True)
 @click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True, help="Held-out tokens to route.")
-@click.option("--policies", default="lru,lfu", show_default=True, help="Cache-policy plugins to simulate.")
+@click.option("--policies", default=None,
+              help="Cache-policy plugins to simulate, comma-separated [default: every registered policy "
+                   "that needs no options].")
 @click.option("--plots/--no-plots", default=True, show_default=True,
               help="Draw PNG plots (needs the `plots` extra: matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def routing(model: str, out_dir: Path, max_tokens: int, policies: str, plots: bool, as_json: bool) -> None:
+def routing(model: str, out_dir: Path, max_tokens: int, policies: str | None, plots: bool, as_json: bool) -> None:
     """Route held-out text through MODEL: expert histograms, overlap, cache hit-rate curves (JSON + PNG)."""
     from outlier_runtime.bench.routing import routing_report
     from outlier_runtime.core.resolve import resolve_reference
 
     report = routing_report(resolve_reference(model), out_dir, max_tokens=max_tokens, plots=plots,
-                            policies=[p.strip() for p in policies.split(",") if p.strip()])
+                            policies=None if policies is None else [p.strip() for p in policies.split(",") if p.strip()])
     summary = {"out_dir": str(out_dir), "tokens": report["tokens"], "fractions": report["fractions"],
                **report["summary"]}
     if as_json:

@@ -118,7 +118,7 @@ def test_run_plus_with_stats_prints_paging_lines(moe):
     result = outlier("run", "plus", "def f(", "--model", moe, "--k-override", "2", "--cache-gb", "1",
                      "--force", "--max-tokens", "4", "--raw", "--temp", "0", "--stats")
     assert result.exit_code == 0, result.output
-    assert "-- paging: 2 slots/layer x 2 layers, reader pread, policy lru" in result.stderr
+    assert "-- paging: 2 slots/layer x 2 layers, reader pread, policy lfru" in result.stderr
     assert "-- lookups" in result.stderr and "hit rate" in result.stderr
     assert result.stderr.count("   layer ") == 2
 

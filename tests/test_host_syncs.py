@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx_lm
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import assert_slots_hold_true_experts, paged_store
 from outlier_paged_moe.lookahead import NextLayerLookahead
 from outlier_paged_moe.stats import LayerStats
 from outlier_prefetch import NextLayerRouterPrefetcher
@@ -29,6 +31,45 @@ def test_decode_makes_one_host_sync_per_moe_layer_call(tiny, prefetcher):
         assert total["host_syncs"] == total["calls"] and total["host_syncs_per_call"] == 1.0
         if prefetcher:
             assert total["prefetched"] > 0  # the guesses were read, in the same syncs
+    finally:
+        runtime.close()
+
+
+@pytest.mark.parametrize("prefetcher", [None, "next-layer-router"])
+def test_a_layer_holding_every_expert_runs_the_original_module_without_syncs(tiny, prefetcher):
+    path = tiny("qwen3_moe")  # 16 experts, top-4, 2 MoE layers
+    model, tokenizer = mlx_lm.load(str(path))
+    ids = mx.array(tokenizer.encode("def walk(path):\n    for name in"))[None]
+    expected_logits = model(ids)
+    expected_tokens = [r.token for r in mlx_lm.stream_generate(model, tokenizer, "x", max_tokens=8)]
+    runtime = outlier_runtime.load("plus", model=str(path), k_override=16, cache_gb=1.0,
+                                   prefetcher=prefetcher, force=True)
+    try:
+        # The first call of each layer reads all of it, expert e into slot e: honest misses.
+        assert mx.array_equal(runtime.model(ids), expected_logits).item()
+        store = paged_store(runtime)
+        for slots in store.layers:
+            assert slots.expert_in_slot == list(range(16))
+        assert_slots_hold_true_experts(runtime)
+        warm = runtime.engine_stats()["total"]
+        assert warm["misses"] == 2 * 16 and warm["slot_hits"] == 0 and warm["host_syncs"] == 0
+        # After warm-up: no sync, no lookup, no read; the tokens are stock's.
+        result = runtime.generate("x", max_tokens=8, temperature=0.0, chat=False)
+        assert result.tokens == expected_tokens
+        total = result.engine["total"]
+        assert total["calls"] >= 2 * 8 and total["resident_calls"] == total["calls"]
+        assert total["host_syncs"] == 0 and total["host_syncs_per_call"] == 0.0
+        assert total["lookups"] == total["bytes_read"] == total["prefetched"] == 0
+    finally:
+        runtime.close()
+
+
+def test_a_layer_with_fewer_slots_than_experts_still_pages(tiny):
+    path = tiny("qwen3_moe")
+    runtime = outlier_runtime.load("plus", model=str(path), k_override=15, cache_gb=1.0, force=True)
+    try:
+        total = runtime.generate("x", max_tokens=4, temperature=0.0, chat=False).engine["total"]
+        assert total["resident_calls"] == 0 and total["host_syncs"] == total["calls"] > 0
     finally:
         runtime.close()
 
@@ -119,3 +160,13 @@ def test_run_stats_show_host_syncs(tiny):
     line = next(line for line in result.stderr.splitlines() if line.startswith("-- host syncs"))
     syncs, calls = int(line.split()[3]), int(line.split()[5])
     assert syncs == calls > 0 and line.endswith("(1.00 per call)")
+
+
+def test_run_stats_count_calls_on_fully_resident_layers(tiny):
+    path = tiny("qwen3_moe")  # 16 experts: 16 slots hold them all
+    result = CliRunner().invoke(main, ["run", "plus", "x", "--model", str(path), "--k-override", "16",
+                                       "--cache-gb", "1", "--max-tokens", "3", "--raw", "--stats", "--force"])
+    assert result.exit_code == 0, result.output
+    syncs = next(line for line in result.stderr.splitlines() if line.startswith("-- host syncs"))
+    resident = next(line for line in result.stderr.splitlines() if "layers holding every expert" in line)
+    assert syncs.startswith("-- host syncs 0 over ") and int(resident.split()[1]) == int(syncs.split()[5]) > 0

@@ -81,7 +81,8 @@ def test_plus_pages_experts_with_the_products_knobs():
     assert paging.cache_gb == "auto"  # sized from available memory at load (an explicit number wins)
     assert paging.mmap_experts is False
     assert paging.lazy_load is True
-    assert (paging.reader, paging.cache_policy) == ("pread", "lru")
+    assert (paging.reader, paging.cache_policy) == ("pread", "lfru")
+    assert paging.cache_policy_options == {}  # lfru with its default weight
 
 
 def test_code_is_core_with_a_64k_context_and_a_system_prompt():

@@ -201,6 +201,21 @@ def simulate_belady(routes: np.ndarray, capacity: int, n_experts: int,
     return hits / routes.size
 
 
+def default_policies() -> list[str]:
+    """Every registered cache policy that can be built without options (the report's default)."""
+    from outlier_runtime.core.plugin_manager import get_registry
+
+    registry = get_registry()
+    names = []
+    for name in registry.names("cache_policy"):
+        try:
+            registry.create("cache_policy", name)
+        except OutlierError:
+            continue  # it needs options: nothing to simulate without choosing them
+        names.append(name)
+    return names
+
+
 def capacity_for(fraction: float, n_experts: int, top_k: int) -> int:
     """Experts a cache of ``fraction`` holds: at least the top_k a single token needs."""
     return min(n_experts, max(top_k, int(round(fraction * n_experts))))
@@ -213,12 +228,16 @@ def routing_report(
     out_dir: str | Path,
     *,
     max_tokens: int = 1024,
-    policies: Sequence[str] = ("lru", "lfu"),
+    policies: Sequence[str] | None = None,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     texts: Sequence[str] | None = None,
     plots: bool = True,
 ) -> dict:
-    """Route held-out text through the model at ``model_path``; write routing.json (and PNGs) to ``out_dir``."""
+    """Route held-out text through the model at ``model_path``; write routing.json (and PNGs) to ``out_dir``.
+
+    ``policies``: the cache-policy plugins to simulate (default: every registered one that builds
+    without options), each beside Belady's optimum.
+    """
     from mlx_lm import load
 
     if plots:
@@ -229,6 +248,7 @@ def routing_report(
     started = time.perf_counter()
     model_path, out_dir = Path(model_path), Path(out_dir)
     registry = get_registry()
+    policies = list(policies) if policies is not None else default_policies()
     factories: dict[str, Callable[[], object]] = {
         name: (lambda name=name: registry.create("cache_policy", name)) for name in policies
     }

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 from outlier_runtime.bench.model import FULL, GB, QUICK, BenchError, Geometry, benchmark_model, model_files
 from outlier_runtime.bench.worker import ForkServer, evict
 from outlier_runtime.core.system import provenance
+from outlier_runtime.engine.buffers import DIRECT_IO_ALIGNMENT
 from outlier_runtime.engine.platform_io import current_platform_io
 
 PROMPT = "def fibonacci(n):"
@@ -289,9 +290,11 @@ def _spec(name: str, options: BenchOptions, common: dict[str, Any], cache_gb: fl
         if load["reader"] == "fanout" and options.reader_options:
             load["reader_options"] = dict(options.reader_options)
         if spec["kind"] == "resident":  # every expert in a slot: the compute-only bound
-            # cache_gb counts the reads that fill the slots too: at most one record per slot.
-            load.update(k_override=options.geometry.num_experts,
-                        cache_gb=2 * options.geometry.total_expert_bytes / GB * 1.001)
+            g = options.geometry
+            # The memory plan gives each slot room for one read in flight (its record, rounded
+            # up to the 4 KiB O_DIRECT alignment): without it fewer than every expert get a slot.
+            read_room = g.num_experts * (g.expert_bytes + 2 * DIRECT_IO_ALIGNMENT)
+            load.update(k_override=g.num_experts, cache_gb=(g.total_expert_bytes + read_room) / GB * 1.001)
         spec["load"] = {k: v for k, v in load.items() if v is not None}
     if spec.get("trace"):
         spec["trace_out"] = str(scratch / f"{name}.trace.json")

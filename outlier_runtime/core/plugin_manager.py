@@ -39,6 +39,7 @@ DEFAULT_PLUGINS = {
     "paged_moe": "outlier_paged_moe",
     "cache_lru": "outlier_cache_lru",
     "cache_lfu": "outlier_cache_lfu",
+    "cache_lfru": "outlier_cache_lfru",
     "readers": "outlier_readers",
     "fanout": "outlier_fanout",
     "prefetch": "outlier_prefetch",

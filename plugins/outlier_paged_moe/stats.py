@@ -11,9 +11,12 @@ class LayerStats:
     """Counters of one MoE layer. lookups = slot_hits + ram_hits + misses."""
 
     #: Calls of the layer (one per forward step) and the host syncs they made: one per call
-    #: for the routed ids, plus one per pass group and one per host-side prefetch guess.
+    #: for the routed ids, plus one per pass group and one per host-side prefetch guess; none
+    #: on a layer that holds every expert (its calls are ``resident_calls``).
     calls: int = 0
     host_syncs: int = 0
+    #: Calls on a layer holding every expert: the original module ran with no lookup and no sync.
+    resident_calls: int = 0
     slot_hits: int = 0
     ram_hits: int = 0
     misses: int = 0

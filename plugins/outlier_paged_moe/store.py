@@ -230,7 +230,12 @@ class ExpertStore:
                     missing.append(expert)
             stats.slot_hits += len(wanted) - len(missing)
             if missing:
-                targets = self._victim_slots(slots, set(wanted), len(missing))
+                if slots.num_slots == slots.layer.num_experts:
+                    # A slot per expert: expert e goes to slot e, so a full layer is in the
+                    # stacked tensors' order (the paged switch then runs the original module).
+                    targets = missing
+                else:
+                    targets = self._victim_slots(slots, set(wanted), len(missing))
                 records = self._fetch(slots.layer, missing, stats)  # raises before any slot changes
                 try:
                     for expert, slot in zip(missing, targets):

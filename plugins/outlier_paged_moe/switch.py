@@ -6,6 +6,10 @@ slot ids, so the module runs the same ``gather_qmm``/``gather_mm`` computation o
 bytes. mlx picks the kernel of such a call from its shapes, including the number of experts
 in the weight tensor (the slot count here), so each call is sized to run the kernel the
 resident model runs (outlier_runtime/engine/kernels.py): the result is bit-identical.
+
+A layer with a slot for every expert pays none of this: its first call installs expert ``e``
+in slot ``e``, after which the slot buffers are the stacked tensors in their original order,
+and every call runs the original module on the original ids (no host sync, no remap).
 """
 
 from __future__ import annotations
@@ -62,11 +66,20 @@ class PagedSwitch(nn.Module):
         object.__setattr__(self, "kernel_backend", kernel_backend or backend)
         object.__setattr__(self, "nax", nax and self.kernel_backend == GPU)
         object.__setattr__(self, "last_plan", None)
+        # Nothing to page when every expert has a slot (and, with a prefetcher, the next layer's
+        # too: a guess would have nothing to read either).
+        object.__setattr__(self, "_all_fit", all(
+            s.num_slots == s.layer.num_experts
+            for s in store.layers[layer:layer + (1 if lookahead is None else 2)]))
+        object.__setattr__(self, "_filled", False)
+        object.__setattr__(self, "_plans", {})
 
     def _kernel(self, rows: int, experts: int) -> str:
         return kernel_for(engine_call(rows, experts, self._quantized, self.nax), self.kernel_backend)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        if self._all_fit:
+            return self._resident_call(x, indices)
         guess = self._lookahead.guess(x) if self._lookahead is not None else None
         # The one host sync per MoE layer: we must know the ids to fetch the experts. The
         # prefetcher's guess for the next layer is evaluated with them, so it costs no sync.
@@ -88,6 +101,34 @@ class PagedSwitch(nn.Module):
             # Start the next layer's likely reads now; they overlap with this layer's compute.
             self._lookahead.start(x, None if guess is None else np.asarray(guess))
         return out
+
+    def _resident_call(self, x: mx.array, indices: mx.array) -> mx.array:
+        """The original module on the original ids: every expert sits in the slot of its own id.
+
+        Exact by construction: slot ``e`` holds expert ``e``'s bytes, so the slot buffers are the
+        resident model's stacked tensors (same shapes, same order) and mlx runs the same kernel on
+        the same bytes. The ids are never read on the host, so the call adds no host sync.
+        """
+        stats = self._store.stats[self._layer]
+        if not self._filled:
+            # The first call reads the whole layer (the store puts expert e in slot e when there is
+            # a slot per expert), counted as the lookups and reads they are. A failed read raises
+            # here and the next call tries again.
+            experts = self._store.layers[self._layer].layer.num_experts
+            placed = self._store.ensure(self._layer, np.arange(experts))
+            if not np.array_equal(placed, np.arange(experts)):
+                raise ExactnessError(f"MoE layer {self._layer}: experts are not in the slots of their ids; "
+                                     f"the original module cannot run on them")
+            object.__setattr__(self, "_filled", True)
+        stats.calls += 1
+        stats.resident_calls += 1
+        key = (indices.size, self.kernel_backend, self.nax)
+        plan = self._plans.get(key)
+        if plan is None:  # a pure function of the call's shape and the rule: computed once each
+            target = self._kernel(indices.size, self._store.layers[self._layer].num_slots)
+            plan = self._plans[key] = KernelPlan(target, [(indices.size, indices.size, target)])
+        self.last_plan = plan
+        return self._inner(x, indices)
 
     def _in_passes(self, x: mx.array, ids: np.ndarray, needed: np.ndarray, target: str) -> mx.array:
         """Compute slot-sized groups of experts in turn, each in calls that run ``target``.
