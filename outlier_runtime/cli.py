@@ -358,10 +358,13 @@ def demo(prompt: str, max_tokens: int, k_override: int, cache_gb: float, reader:
 @click.option("--tier-override", "tier_overrides", multiple=True, metavar="TIER=PATH|TIER.KEY=VALUE",
               help="Serve TIER from a model directory, or set one of its load overrides "
                    "(e.g. plus.k_override=2, nano.context_window=4096). Repeatable.")
+@click.option("--prompt-cache-gb", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="KV caches kept between requests by prompt prefix, so a conversation's next turn "
+                   "prefills only its new tokens; 0 turns it off.")
 @_paging_options
 def serve(host: str, port: int, api_key: str | None, preload: str | None, tier_overrides: tuple[str, ...],
-          model: str | None, k_override: int | None, cache_gb: float | None, reader: str | None,
-          cache_policy: str | None, mmap_experts: bool | None, experts_per_token: int | None,
+          prompt_cache_gb: float, model: str | None, k_override: int | None, cache_gb: float | None,
+          reader: str | None, cache_policy: str | None, mmap_experts: bool | None, experts_per_token: int | None,
           prefetcher: str | None, settings: tuple[str, ...], force: bool) -> None:
     """Serve the tiers over an OpenAI-compatible HTTP API (models `outlier-<tier>`)."""
     from outlier_runtime.serve.server import ServerConfig, check_bind, parse_tier_overrides, serve as run_server
@@ -379,7 +382,8 @@ def serve(host: str, port: int, api_key: str | None, preload: str | None, tier_o
                         cache_policy=cache_policy, mmap_experts=mmap_experts,
                         experts_per_token=experts_per_token, prefetcher=prefetcher)
     run_server(ServerConfig(host=host, port=port, api_key=api_key or None, force=force,
-                            tier_overrides=overrides, paging_overrides=paging, preload=preload))
+                            tier_overrides=overrides, paging_overrides=paging, preload=preload,
+                            prompt_cache_gb=prompt_cache_gb))
 
 
 def _check_model_paths(overrides: dict[str, dict[str, Any]]) -> None:

@@ -200,3 +200,65 @@ def test_non_loopback_bind_without_a_key_is_refused(monkeypatch):
 def test_an_empty_prompt_is_a_400_naming_the_prompt(server):
     error = _error(_post(server, "/completions", {"model": "outlier-nano", "prompt": "", "max_tokens": 2}), 400)
     assert error["param"] == "prompt" and error["message"].startswith("prompt: empty;")
+
+
+@pytest.fixture(scope="module")
+def nano_runtime(tiny, tmp_path_factory):
+    """The server's nano tier loaded in this process: what the server must reproduce."""
+    import outlier_runtime
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OUTLIER_HOME", str(tmp_path_factory.mktemp("nano-home")))
+        runtime = outlier_runtime.load("nano", model=str(tiny("llama")), force=True, context_window=CONTEXT_WINDOW)
+    yield runtime
+    runtime.close()
+
+
+def test_a_conversation_prefills_only_each_new_turn(client, server, nano_runtime):
+    messages = [{"role": "system", "content": "You review pull requests."}, {"role": "user", "content": "Read this."}]
+    options = dict(model="outlier-nano", max_tokens=6, temperature=0)
+    usages, replies = [], []
+    for turn, follow_up in enumerate(["And this one?", "Which is better?", None]):
+        extras = {"repetition_penalty": 1.3} if turn == 2 else {}  # a penalty sees the cached context too
+        if turn < 2:
+            reply = client.chat.completions.create(messages=messages, **options, extra_body=extras)
+            text, usage = reply.choices[0].message.content, reply.usage
+        else:
+            chunks = list(client.chat.completions.create(messages=messages, **options, extra_body=extras,
+                                                         stream=True, stream_options={"include_usage": True}))
+            text, usage = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].usage
+        # The same text as a fresh generation over the whole conversation, without any cache.
+        assert text == nano_runtime.generate(messages, max_tokens=6, temperature=0.0, **extras).text
+        usages.append(usage)
+        replies.append(text)
+        if follow_up:
+            messages = [*messages, {"role": "assistant", "content": text}, {"role": "user", "content": follow_up}]
+    cached = [u.prompt_tokens_details.cached_tokens for u in usages]
+    prompts = [u.prompt_tokens for u in usages]
+    assert cached[0] < prompts[0]
+    for turn in (1, 2):
+        # Everything the previous turn's prompt held is reused: only the new turn is prefilled.
+        assert prompts[turn - 1] <= cached[turn] < prompts[turn]
+    last = _stats(server)["last_request"]["prompt_cache"]
+    assert (last["cached_tokens"], last["prefill_tokens"]) == (cached[2], prompts[2] - cached[2])
+    assert 0 < last["bytes"] <= last["max_bytes"] and last["entries"] >= 1
+
+
+def test_sampling_extras_change_results_deterministically(client, server):
+    def reply(temperature: float = 1.0, **extras) -> str:
+        return client.chat.completions.create(model="outlier-nano", messages=MESSAGES, max_tokens=10, seed=11,
+                                              temperature=temperature, extra_body=extras).choices[0].message.content
+
+    greedy, sampled = reply(temperature=0), reply()
+    assert sampled != greedy
+    # Keeping only the most likely token (top_k=1, or min_p=1) samples what greedy decoding picks.
+    assert reply(top_k=1) == reply(min_p=1.0) == greedy
+    assert reply(top_k=40) == reply(top_k=40)
+    for penalty in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+        penalised = reply(temperature=0, **{penalty: 2.0})
+        assert penalised != greedy and penalised == reply(temperature=0, **{penalty: 2.0}), penalty
+    # Out of range: a 400 naming the field, with the bounds every entry point uses.
+    chat = {"model": "outlier-nano", "messages": MESSAGES, "max_tokens": 2}
+    for name, value in (("top_k", -1), ("min_p", 1.5), ("repetition_penalty", -1.0), ("presence_penalty", 3.0)):
+        error = _error(_post(server, "/chat/completions", {**chat, name: value}), 400)
+        assert error["param"] == name and error["message"].startswith(f"{name}: got {value}"), error

@@ -4,7 +4,9 @@ Loading, switching and generating all happen on a single worker thread, so reque
 in arrival order and never interleave inside a model; switching tiers closes the previous
 Runtime before loading the next. A :class:`GenerationJob` carries one request's generation
 and hands its events (started, chunk, done, error) to the event loop through an asyncio
-queue; setting its ``cancelled`` flag stops the generation at the next chunk.
+queue; setting its ``cancelled`` flag stops the generation at the next chunk. Every generation
+starts from the host's :class:`~outlier_runtime.core.prompt_cache.PrefixCache`, so a request
+prefills only the tokens after the longest prefix an earlier request left in it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from outlier_runtime.core.errors import AdmissionError, OutlierError, ParameterError, TierNotFoundError
+from outlier_runtime.core.params import check_generation
+from outlier_runtime.core.prompt_cache import PrefixCache
 from outlier_runtime.serve.openai_api import MODEL_PREFIX, ApiError
 from outlier_runtime.core.runtime import Prompt, Runtime
 
@@ -48,9 +52,12 @@ class GenerationJob:
 class ModelHost:
     """Holds the one resident Runtime and runs all model work on a single worker thread."""
 
-    def __init__(self, load_overrides: Callable[[str], dict[str, Any]] = lambda tier: {}, force: bool = False):
+    def __init__(self, load_overrides: Callable[[str], dict[str, Any]] = lambda tier: {}, force: bool = False,
+                 prompt_cache_bytes: int = 0):
         self._load_overrides = load_overrides  # tier -> keyword overrides for load()
         self._force = force
+        #: KV caches of earlier requests by prefix (0 bytes: every request prefills its whole prompt).
+        self.prompt_cache = PrefixCache(prompt_cache_bytes)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outlier-model")
         self._runtime: Runtime | None = None
         self.last_stats: dict[str, Any] | None = None
@@ -87,6 +94,13 @@ class ModelHost:
         self._worker.submit(self._unload)
         self._worker.shutdown(wait=True)
 
+    def _prompt_cache_stats(self, result: Any) -> dict[str, Any]:
+        """The last request's cached and prefilled prompt tokens, and what the prompt cache holds."""
+        cache = self.prompt_cache
+        return {"cached_tokens": result.cached_tokens if result else 0,
+                "prefill_tokens": result.prefill_tokens if result else 0,
+                "entries": len(cache), "bytes": cache.nbytes, "max_bytes": cache.max_bytes}
+
     # Everything below runs on the worker thread only.
 
     def _unload(self) -> None:
@@ -94,6 +108,7 @@ class ModelHost:
             log.info("closing tier %s", self._runtime.name)
             self._runtime.close()
             self._runtime = None
+            self.prompt_cache.clear()  # caches of a model that is gone only take memory
 
     def _preload(self, tier: str) -> None:
         try:
@@ -114,18 +129,25 @@ class ModelHost:
             return  # the client left while the request was queued
         try:
             runtime = self._ensure(job.tier)
-            prompt_tokens = len(runtime.encode(job.prompt, chat=job.chat))
+            check_generation(job.prompt)  # an empty prompt is refused before a template wraps it
+            tokens = runtime.encode(job.prompt, chat=job.chat)
+            prompt_tokens = len(tokens)
             budget = token_budget(runtime, prompt_tokens, job.max_tokens, job.prompt_param)
             job.emit("started", prompt_tokens)
-            with contextlib.closing(runtime.stream(job.prompt, max_tokens=budget, chat=job.chat,
-                                                   **job.options)) as chunks:
+            with contextlib.closing(self.prompt_cache.stream(runtime, tokens, max_tokens=budget,
+                                                             **job.options)) as chunks:
                 for chunk in chunks:
                     job.emit("chunk", chunk.text)
                     if job.cancelled.is_set():
                         log.info("client disconnected: stopped generating on tier %s", job.tier)
                         return
             result = runtime.last_result
-            self.last_stats = {"tier": runtime.name, "result": result.to_dict() if result else None}
+            self.last_stats = {"tier": runtime.name, "result": result.to_dict() if result else None,
+                               "prompt_cache": self._prompt_cache_stats(result)}
+            if result is not None:
+                log.info("tier %s: %d prompt tokens, %d from the prompt cache, %d prefilled; %d generated",
+                         runtime.name, result.prompt_tokens, result.cached_tokens, result.prefill_tokens,
+                         result.generation_tokens)
             job.emit("done", result)
         except ApiError as exc:
             job.emit("error", exc)

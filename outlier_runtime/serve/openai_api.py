@@ -15,6 +15,7 @@ from typing import Any, Callable, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from outlier_runtime.core.params import SAMPLING_EXTRAS
 from outlier_runtime.core.results import GenerationResult
 
 #: Served tiers are named ``outlier-<tier>`` in ``/v1/models`` and the ``model`` field.
@@ -105,20 +106,23 @@ class _GenerationRequest(_Strict):
     seed: Optional[int] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
+    # Sampling extras chat front ends send (mlx_lm.server takes them too); their bounds are
+    # checked with every other generation parameter's, in core/params.py.
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
     # Harmless extras OpenAI clients send: accepted and ignored on purpose.
     user: Optional[str] = None
     # Declared so that asking for them gets a clear 400 (see UNSUPPORTED), not "unknown field".
     n: Any = None
     logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
 
     #: field -> (is the value one we can honour?, why not otherwise)
     UNSUPPORTED: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {
         "n": (lambda v: v in (None, 1), "only n=1 is supported (one choice per request)"),
         "logit_bias": (_unset, "logit_bias is not supported"),
-        "presence_penalty": (_unset, "presence_penalty is not supported"),
-        "frequency_penalty": (_unset, "frequency_penalty is not supported"),
     }
 
     def check_supported(self) -> None:
@@ -132,6 +136,10 @@ class _GenerationRequest(_Strict):
                            param="stream_options", code="invalid_value")
         if any(not s for s in self.stops()):
             raise ApiError(400, "Stop sequences must not be empty.", param="stop", code="invalid_value")
+
+    def sampling(self) -> dict[str, Any]:
+        """The sampling extras this request sets, as ``Runtime.stream`` takes them."""
+        return {name: getattr(self, name) for name in SAMPLING_EXTRAS if getattr(self, name) is not None}
 
     def stops(self) -> list[str]:
         if self.stop is None:
@@ -222,11 +230,13 @@ class CompletionRequest(_GenerationRequest):
         return self.max_tokens
 
 
-def usage(result: GenerationResult) -> dict[str, int]:
+def usage(result: GenerationResult) -> dict[str, Any]:
     return {
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.generation_tokens,
         "total_tokens": result.prompt_tokens + result.generation_tokens,
+        # Where OpenAI clients look for prompt-cache hits: the prompt tokens not prefilled again.
+        "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
     }
 
 

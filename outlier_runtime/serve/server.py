@@ -25,6 +25,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from outlier_runtime.core.errors import OutlierError
+from outlier_runtime.core.memory import GB
 from outlier_runtime.serve.model_host import GenerationJob, ModelHost
 from outlier_runtime.serve.openai_api import (
     MODEL_PREFIX,
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 
 API_KEY_ENV = "OUTLIER_API_KEY"
 
+#: Default bound on the prompt cache: KV caches kept between requests (``--prompt-cache-gb``).
+DEFAULT_PROMPT_CACHE_GB = 1.0
+
 
 class ServerConfigError(OutlierError):
     """The server's options are inconsistent or unsafe; nothing was started."""
@@ -65,6 +69,8 @@ class ServerConfig:
     paging_overrides: dict[str, Any] = field(default_factory=dict)
     #: A tier to load at start; otherwise the first request loads its tier.
     preload: str | None = None
+    #: Bytes of KV caches kept between requests, in GB (0: every request prefills its whole prompt).
+    prompt_cache_gb: float = DEFAULT_PROMPT_CACHE_GB
 
     def load_overrides(self, tier: str) -> dict[str, Any]:
         """The overrides ``load(tier, ...)`` gets: the paging knobs its loader accepts, then the tier's own."""
@@ -208,7 +214,8 @@ async def _respond(request: Request, host: ModelHost, job: GenerationJob, reply:
 
 def create_app(config: ServerConfig) -> FastAPI:
     """The FastAPI application serving ``config``'s tiers."""
-    host = ModelHost(config.load_overrides, force=config.force)
+    host = ModelHost(config.load_overrides, force=config.force,
+                     prompt_cache_bytes=int(config.prompt_cache_gb * GB))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -270,7 +277,8 @@ def create_app(config: ServerConfig) -> FastAPI:
 
 def _job(body: ChatCompletionRequest | CompletionRequest, tier: str, prompt: Prompt, *, chat: bool,
          prompt_param: str) -> GenerationJob:
-    options = {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "stop": body.stops()}
+    options = {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "stop": body.stops(),
+               **body.sampling()}
     return GenerationJob(tier, prompt, chat, prompt_param, body.token_budget(), options,
                          asyncio.get_running_loop())
 
