@@ -361,9 +361,11 @@ def demo(prompt: str, max_tokens: int, k_override: int, cache_gb: float, reader:
 @click.option("--prompt-cache-gb", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="KV caches kept between requests by prompt prefix, so a conversation's next turn "
                    "prefills only its new tokens; 0 turns it off.")
+@click.option("--allow-download", is_flag=True,
+              help="Let a request for a tier that is not downloaded download it (else: 503, run `outlier pull`).")
 @_paging_options
 def serve(host: str, port: int, api_key: str | None, preload: str | None, tier_overrides: tuple[str, ...],
-          prompt_cache_gb: float, model: str | None, k_override: int | None, cache_gb: float | None,
+          prompt_cache_gb: float, allow_download: bool, model: str | None, k_override: int | None, cache_gb: float | None,
           reader: str | None, cache_policy: str | None, mmap_experts: bool | None, experts_per_token: int | None,
           prefetcher: str | None, settings: tuple[str, ...], force: bool) -> None:
     """Serve the tiers over an OpenAI-compatible HTTP API (models `outlier-<tier>`)."""
@@ -383,7 +385,7 @@ def serve(host: str, port: int, api_key: str | None, preload: str | None, tier_o
                         experts_per_token=experts_per_token, prefetcher=prefetcher)
     run_server(ServerConfig(host=host, port=port, api_key=api_key or None, force=force,
                             tier_overrides=overrides, paging_overrides=paging, preload=preload,
-                            prompt_cache_gb=prompt_cache_gb))
+                            prompt_cache_gb=prompt_cache_gb, allow_download=allow_download))
 
 
 def _check_model_paths(overrides: dict[str, dict[str, Any]]) -> None:

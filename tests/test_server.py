@@ -262,3 +262,44 @@ def test_sampling_extras_change_results_deterministically(client, server):
     for name, value in (("top_k", -1), ("min_p", 1.5), ("repetition_penalty", -1.0), ("presence_penalty", 3.0)):
         error = _error(_post(server, "/chat/completions", {**chat, name: value}), 400)
         assert error["param"] == name and error["message"].startswith(f"{name}: got {value}"), error
+
+
+def test_models_are_retrievable_with_when_and_whether_downloaded(client, tiny):
+    listed = {model.id: model for model in client.models.list()}
+    nano = client.models.retrieve("outlier-nano")
+    assert nano.id == "outlier-nano" and nano.object == "model" and nano.created == listed["outlier-nano"].created
+    # Served from a local directory: there since its config.json was written.
+    assert nano.downloaded is True and nano.created == int((tiny("llama") / "config.json").stat().st_mtime)
+    code = listed["outlier-code"]  # its repo is not in this server's (empty) Hugging Face cache
+    assert code.downloaded is False and code.created > 1_600_000_000  # its manifest file's time
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("gpt-4o")
+    assert caught.value.code == "model_not_found" and "outlier-nano" in caught.value.message
+
+
+def test_a_tier_that_is_not_downloaded_is_a_503_naming_outlier_pull(server):
+    body = {"model": "outlier-code", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    error = _error(_post(server, "/chat/completions", body), 503)
+    assert error["code"] == "model_not_downloaded" and "`outlier pull code`" in error["message"]
+    assert _stats(server)["loaded_tier"] != "code"
+
+
+def test_health_answers(server):
+    root = server.removesuffix("/v1")
+    assert httpx.get(f"{root}/health", headers=_auth(), timeout=10).json()["status"] == "ok"
+    assert _error(httpx.get(f"{root}/health", timeout=10), 401)["code"] == "invalid_api_key"
+
+
+def test_a_json_body_labelled_text_plain_is_read_as_json_and_a_form_is_a_415(server):
+    import json
+
+    body = {"model": "outlier-nano", "prompt": "def f(", "max_tokens": 3, "temperature": 0}
+    as_json = _post(server, "/completions", body).json()["choices"][0]["text"]
+    for label in ("text/plain", "text/plain; charset=utf-8", "application/json; charset=utf-8"):
+        response = httpx.post(f"{server}/completions", content=json.dumps(body),
+                              headers={**_auth(), "Content-Type": label}, timeout=30)
+        assert response.status_code == 200 and response.json()["choices"][0]["text"] == as_json, label
+    form = httpx.post(f"{server}/completions", data={"model": "outlier-nano", "prompt": "x"}, headers=_auth(),
+                      timeout=30)
+    error = _error(form, 415)
+    assert error["code"] == "unsupported_media_type" and "application/json" in error["message"]

@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from outlier_runtime.core.errors import AdmissionError, OutlierError, ParameterError, TierNotFoundError
+from outlier_runtime.core.manifest import TierManifest
 from outlier_runtime.core.params import check_generation
 from outlier_runtime.core.prompt_cache import PrefixCache
 from outlier_runtime.serve.openai_api import MODEL_PREFIX, ApiError
 from outlier_runtime.core.runtime import Prompt, Runtime
+from outlier_runtime.serve.models_api import check_downloaded
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +55,11 @@ class ModelHost:
     """Holds the one resident Runtime and runs all model work on a single worker thread."""
 
     def __init__(self, load_overrides: Callable[[str], dict[str, Any]] = lambda tier: {}, force: bool = False,
-                 prompt_cache_bytes: int = 0):
+                 prompt_cache_bytes: int = 0, allow_download: bool = False):
         self._load_overrides = load_overrides  # tier -> keyword overrides for load()
         self._force = force
+        #: Whether a request may load a tier whose weights must be downloaded first.
+        self._allow_download = allow_download
         #: KV caches of earlier requests by prefix (0 bytes: every request prefills its whole prompt).
         self.prompt_cache = PrefixCache(prompt_cache_bytes)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outlier-model")
@@ -82,6 +86,13 @@ class ModelHost:
             raise ApiError(404, f"The model {model!r} does not exist or cannot run on this machine. "
                                 f"Available: {available}.", param="model", code="model_not_found")
         return tier
+
+    def manifest(self, tier: str) -> TierManifest:
+        """The tier's manifest as this server loads it (its load overrides applied)."""
+        from outlier_runtime.core.catalog import resolve_tier
+        from outlier_runtime.core.plugin_manager import get_registry
+
+        return resolve_tier(tier, get_registry(), self._load_overrides(tier))
 
     def submit(self, job: GenerationJob) -> None:
         self._worker.submit(self._generate, job)
@@ -128,6 +139,8 @@ class ModelHost:
         if job.cancelled.is_set():
             return  # the client left while the request was queued
         try:
+            if not self._allow_download and self.loaded_tier != job.tier:
+                check_downloaded(job.tier, self.manifest(job.tier))
             runtime = self._ensure(job.tier)
             check_generation(job.prompt)  # an empty prompt is refused before a template wraps it
             tokens = runtime.encode(job.prompt, chat=job.chat)

@@ -26,7 +26,9 @@ from starlette.exceptions import HTTPException
 
 from outlier_runtime.core.errors import OutlierError
 from outlier_runtime.core.memory import GB
+from outlier_runtime.serve.content_type import JsonBodies
 from outlier_runtime.serve.model_host import GenerationJob, ModelHost
+from outlier_runtime.serve.models_api import model_entries
 from outlier_runtime.serve.openai_api import (
     MODEL_PREFIX,
     ApiError,
@@ -71,6 +73,8 @@ class ServerConfig:
     preload: str | None = None
     #: Bytes of KV caches kept between requests, in GB (0: every request prefills its whole prompt).
     prompt_cache_gb: float = DEFAULT_PROMPT_CACHE_GB
+    #: Whether a request may start downloading a tier's weights (else a 503 says `outlier pull TIER`).
+    allow_download: bool = False
 
     def load_overrides(self, tier: str) -> dict[str, Any]:
         """The overrides ``load(tier, ...)`` gets: the paging knobs its loader accepts, then the tier's own."""
@@ -215,7 +219,7 @@ async def _respond(request: Request, host: ModelHost, job: GenerationJob, reply:
 def create_app(config: ServerConfig) -> FastAPI:
     """The FastAPI application serving ``config``'s tiers."""
     host = ModelHost(config.load_overrides, force=config.force,
-                     prompt_cache_bytes=int(config.prompt_cache_gb * GB))
+                     prompt_cache_bytes=int(config.prompt_cache_gb * GB), allow_download=config.allow_download)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -227,6 +231,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     # No interactive docs: they would be reachable without the API key.
     app = FastAPI(title="outlier-runtime", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.host = host
+    app.add_middleware(JsonBodies)  # inside the key check: a caller without the key learns nothing
     if config.api_key:
         app.add_middleware(BearerAuth, api_key=config.api_key)
 
@@ -246,9 +251,19 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        data = [{"id": MODEL_PREFIX + row["name"], "object": "model", "created": 0, "owned_by": "outlier-runtime"}
-                for row in host.served_tiers()]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": model_entries(host.served_tiers(), host.manifest)}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str) -> dict[str, Any]:
+        tier = host.tier_for(model_id)  # a 404 naming the served models for any other id
+        (row,) = [row for row in host.served_tiers() if row["name"] == tier]
+        return model_entries([row], host.manifest)[0]
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """The server answers (load balancers, front ends); says which tier is loaded."""
+        tier = host.loaded_tier
+        return {"status": "ok", "loaded_model": MODEL_PREFIX + tier if tier else None}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
