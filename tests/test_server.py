@@ -303,3 +303,18 @@ def test_a_json_body_labelled_text_plain_is_read_as_json_and_a_form_is_a_415(ser
                       timeout=30)
     error = _error(form, 415)
     assert error["code"] == "unsupported_media_type" and "application/json" in error["message"]
+
+
+def test_a_repeated_prompt_reuses_the_cache_on_each_tier_and_switching_tiers_drops_it(client):
+    options = dict(prompt="def area(radius):\n    return", max_tokens=4, temperature=0)
+
+    def complete(model: str):
+        reply = client.completions.create(model=model, **options)
+        return reply.choices[0].text, reply.usage.prompt_tokens_details.cached_tokens, reply.usage.prompt_tokens
+
+    client.completions.create(model="outlier-plus", prompt="x", max_tokens=1)  # nano starts with no caches
+    for model in ("outlier-nano", "outlier-plus", "outlier-nano"):
+        text, cached, prompt = complete(model)
+        assert cached == 0  # the other tier was loaded in between: its caches went with it
+        again, cached, _ = complete(model)
+        assert again == text and cached == prompt - 1  # one token is always prefilled: it yields the logits
