@@ -318,3 +318,14 @@ def test_a_repeated_prompt_reuses_the_cache_on_each_tier_and_switching_tiers_dro
         assert cached == 0  # the other tier was loaded in between: its caches went with it
         again, cached, _ = complete(model)
         assert again == text and cached == prompt - 1  # one token is always prefilled: it yields the logits
+
+
+def test_a_refused_request_leaves_the_stored_cache_for_the_next(client, server):
+    body = {"model": "outlier-nano", "prompt": "class Queue:\n    def put(self, item):", "max_tokens": 3,
+            "temperature": 0}
+    first = _post(server, "/completions", body).json()
+    # The next prompt extends the stored cache, which a valid request would take as it is.
+    follow = {**body, "prompt": body["prompt"] + first["choices"][0]["text"] + "\n        return"}
+    assert _error(_post(server, "/completions", {**follow, "min_p": 2.0}), 400)["param"] == "min_p"
+    again = _post(server, "/completions", follow).json()["usage"]
+    assert again["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"]

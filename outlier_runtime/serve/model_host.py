@@ -142,7 +142,8 @@ class ModelHost:
             if not self._allow_download and self.loaded_tier != job.tier:
                 check_downloaded(job.tier, self.manifest(job.tier))
             runtime = self._ensure(job.tier)
-            check_generation(job.prompt)  # an empty prompt is refused before a template wraps it
+            # Refused before a template wraps an empty prompt, and before a stored cache is taken.
+            check_generation(job.prompt, **{k: v for k, v in job.options.items() if k != "stop"})
             tokens = runtime.encode(job.prompt, chat=job.chat)
             prompt_tokens = len(tokens)
             budget = token_budget(runtime, prompt_tokens, job.max_tokens, job.prompt_param)
