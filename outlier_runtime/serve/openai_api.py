@@ -3,7 +3,8 @@
 Requests are checked strictly. A field this server cannot honour (``n > 1``, ``tools``,
 ``logprobs``, ...) is answered with HTTP 400 naming it, never ignored; an unknown field is
 rejected too. The few extras that OpenAI clients send and that change nothing about the
-text (``user``, ``metadata``, ``store``, ...) are declared below and ignored on purpose.
+text (``user``, ``metadata``, ``store``, ...) are declared below and ignored on purpose. The
+sampling extras chat front ends send (``top_k``, ``min_p``, the penalties) are honoured.
 """
 
 from __future__ import annotations
