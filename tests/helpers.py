@@ -64,7 +64,7 @@ def running_server(tiny, home: Path, api_key: str, context_window: int,
         "--tier-override", f"plus={tiny('qwen3_moe')}", "--k-override", "2", "--cache-gb", "0", *extra_args,
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("OUTLIER_API_KEY", "OUTLIER_TIERS_PATH")}
-    env.update(OUTLIER_HOME=str(home), HF_HUB_OFFLINE="1")
+    env.update(OUTLIER_HOME=str(home), HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(home / "hf-cache"))
     log_path = home / "server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -200,3 +200,132 @@ def test_non_loopback_bind_without_a_key_is_refused(monkeypatch):
 def test_an_empty_prompt_is_a_400_naming_the_prompt(server):
     error = _error(_post(server, "/completions", {"model": "outlier-nano", "prompt": "", "max_tokens": 2}), 400)
     assert error["param"] == "prompt" and error["message"].startswith("prompt: empty;")
+
+
+@pytest.fixture(scope="module")
+def nano_runtime(tiny, tmp_path_factory):
+    """The server's nano tier loaded in this process: what the server must reproduce."""
+    import outlier_runtime
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OUTLIER_HOME", str(tmp_path_factory.mktemp("nano-home")))
+        runtime = outlier_runtime.load("nano", model=str(tiny("llama")), force=True, context_window=CONTEXT_WINDOW)
+    yield runtime
+    runtime.close()
+
+
+def test_a_conversation_prefills_only_each_new_turn(client, server, nano_runtime):
+    messages = [{"role": "system", "content": "You review pull requests."}, {"role": "user", "content": "Read this."}]
+    options = dict(model="outlier-nano", max_tokens=6, temperature=0)
+    usages, replies = [], []
+    for turn, follow_up in enumerate(["And this one?", "Which is better?", None]):
+        extras = {"repetition_penalty": 1.3} if turn == 2 else {}  # a penalty sees the cached context too
+        if turn < 2:
+            reply = client.chat.completions.create(messages=messages, **options, extra_body=extras)
+            text, usage = reply.choices[0].message.content, reply.usage
+        else:
+            chunks = list(client.chat.completions.create(messages=messages, **options, extra_body=extras,
+                                                         stream=True, stream_options={"include_usage": True}))
+            text, usage = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].usage
+        # The same text as a fresh generation over the whole conversation, without any cache.
+        assert text == nano_runtime.generate(messages, max_tokens=6, temperature=0.0, **extras).text
+        usages.append(usage)
+        replies.append(text)
+        if follow_up:
+            messages = [*messages, {"role": "assistant", "content": text}, {"role": "user", "content": follow_up}]
+    cached = [u.prompt_tokens_details.cached_tokens for u in usages]
+    prompts = [u.prompt_tokens for u in usages]
+    assert cached[0] < prompts[0]
+    for turn in (1, 2):
+        # Everything the previous turn's prompt held is reused: only the new turn is prefilled.
+        assert prompts[turn - 1] <= cached[turn] < prompts[turn]
+    last = _stats(server)["last_request"]["prompt_cache"]
+    assert (last["cached_tokens"], last["prefill_tokens"]) == (cached[2], prompts[2] - cached[2])
+    assert 0 < last["bytes"] <= last["max_bytes"] and last["entries"] >= 1
+
+
+def test_sampling_extras_change_results_deterministically(client, server):
+    def reply(temperature: float = 1.0, **extras) -> str:
+        return client.chat.completions.create(model="outlier-nano", messages=MESSAGES, max_tokens=10, seed=11,
+                                              temperature=temperature, extra_body=extras).choices[0].message.content
+
+    greedy, sampled = reply(temperature=0), reply()
+    assert sampled != greedy
+    # Keeping only the most likely token (top_k=1, or min_p=1) samples what greedy decoding picks.
+    assert reply(top_k=1) == reply(min_p=1.0) == greedy
+    assert reply(top_k=40) == reply(top_k=40)
+    for penalty in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+        penalised = reply(temperature=0, **{penalty: 2.0})
+        assert penalised != greedy and penalised == reply(temperature=0, **{penalty: 2.0}), penalty
+    # Out of range: a 400 naming the field, with the bounds every entry point uses.
+    chat = {"model": "outlier-nano", "messages": MESSAGES, "max_tokens": 2}
+    for name, value in (("top_k", -1), ("min_p", 1.5), ("repetition_penalty", -1.0), ("presence_penalty", 3.0)):
+        error = _error(_post(server, "/chat/completions", {**chat, name: value}), 400)
+        assert error["param"] == name and error["message"].startswith(f"{name}: got {value}"), error
+
+
+def test_models_are_retrievable_with_when_and_whether_downloaded(client, tiny):
+    listed = {model.id: model for model in client.models.list()}
+    nano = client.models.retrieve("outlier-nano")
+    assert nano.id == "outlier-nano" and nano.object == "model" and nano.created == listed["outlier-nano"].created
+    # Served from a local directory: there since its config.json was written.
+    assert nano.downloaded is True and nano.created == int((tiny("llama") / "config.json").stat().st_mtime)
+    code = listed["outlier-code"]  # its repo is not in this server's (empty) Hugging Face cache
+    assert code.downloaded is False and code.created > 1_600_000_000  # its manifest file's time
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("gpt-4o")
+    assert caught.value.code == "model_not_found" and "outlier-nano" in caught.value.message
+
+
+def test_a_tier_that_is_not_downloaded_is_a_503_naming_outlier_pull(server):
+    body = {"model": "outlier-code", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    error = _error(_post(server, "/chat/completions", body), 503)
+    assert error["code"] == "model_not_downloaded" and "`outlier pull code`" in error["message"]
+    assert _stats(server)["loaded_tier"] != "code"
+
+
+def test_health_answers(server):
+    root = server.removesuffix("/v1")
+    assert httpx.get(f"{root}/health", headers=_auth(), timeout=10).json()["status"] == "ok"
+    assert _error(httpx.get(f"{root}/health", timeout=10), 401)["code"] == "invalid_api_key"
+
+
+def test_a_json_body_labelled_text_plain_is_read_as_json_and_a_form_is_a_415(server):
+    import json
+
+    body = {"model": "outlier-nano", "prompt": "def f(", "max_tokens": 3, "temperature": 0}
+    as_json = _post(server, "/completions", body).json()["choices"][0]["text"]
+    for label in ("text/plain", "text/plain; charset=utf-8", "application/json; charset=utf-8"):
+        response = httpx.post(f"{server}/completions", content=json.dumps(body),
+                              headers={**_auth(), "Content-Type": label}, timeout=30)
+        assert response.status_code == 200 and response.json()["choices"][0]["text"] == as_json, label
+    form = httpx.post(f"{server}/completions", data={"model": "outlier-nano", "prompt": "x"}, headers=_auth(),
+                      timeout=30)
+    error = _error(form, 415)
+    assert error["code"] == "unsupported_media_type" and "application/json" in error["message"]
+
+
+def test_a_repeated_prompt_reuses_the_cache_on_each_tier_and_switching_tiers_drops_it(client):
+    options = dict(prompt="def area(radius):\n    return", max_tokens=4, temperature=0)
+
+    def complete(model: str):
+        reply = client.completions.create(model=model, **options)
+        return reply.choices[0].text, reply.usage.prompt_tokens_details.cached_tokens, reply.usage.prompt_tokens
+
+    client.completions.create(model="outlier-plus", prompt="x", max_tokens=1)  # nano starts with no caches
+    for model in ("outlier-nano", "outlier-plus", "outlier-nano"):
+        text, cached, prompt = complete(model)
+        assert cached == 0  # the other tier was loaded in between: its caches went with it
+        again, cached, _ = complete(model)
+        assert again == text and cached == prompt - 1  # one token is always prefilled: it yields the logits
+
+
+def test_a_refused_request_leaves_the_stored_cache_for_the_next(client, server):
+    body = {"model": "outlier-nano", "prompt": "class Queue:\n    def put(self, item):", "max_tokens": 3,
+            "temperature": 0}
+    first = _post(server, "/completions", body).json()
+    # The next prompt extends the stored cache, which a valid request would take as it is.
+    follow = {**body, "prompt": body["prompt"] + first["choices"][0]["text"] + "\n        return"}
+    assert _error(_post(server, "/completions", {**follow, "min_p": 2.0}), 400)["param"] == "min_p"
+    again = _post(server, "/completions", follow).json()["usage"]
+    assert again["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"]

@@ -63,7 +63,7 @@ def download_status(manifests: list[TierManifest | None]) -> list[dict[str, Any]
         if manifest is None:
             statuses.append({"downloaded": None, "disk_bytes": None})
             continue
-        local = _local_directory(manifest)
+        local = local_directory(manifest)
         if local is not None:
             present = (local / "config.json").is_file()
             size = sum(f.stat().st_size for f in local.rglob("*") if f.is_file()) if present else 0
@@ -77,7 +77,8 @@ def download_status(manifests: list[TierManifest | None]) -> list[dict[str, Any]
     return statuses
 
 
-def _local_directory(manifest: TierManifest) -> Path | None:
+def local_directory(manifest: TierManifest) -> Path | None:
+    """The tier's model directory when it reads a local one (or the embedded demo), else None."""
     path = manifest.model.path
     if not path:
         return None

@@ -19,6 +19,9 @@ MAX_SEED = 2**64 - 1
 #: Each parameter's CLI flag, so a message can name what the user typed.
 FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temp", "top_p": "--top-p", "seed": "--seed"}
 
+#: Sampling parameters beyond temperature and top_p (the server's request fields of the same names).
+SAMPLING_EXTRAS = ("top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
 
 class GenerationParams(BaseModel):
     """What one generation call may set; ``None`` keeps the tier's default."""
@@ -31,6 +34,17 @@ class GenerationParams(BaseModel):
     temperature: Optional[float] = Field(default=None, ge=0)
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
     seed: Optional[int] = Field(default=None, ge=0, le=MAX_SEED)
+    # Sampling extras, as mlx-lm's make_sampler / make_logits_processors take them; 0 turns each off.
+    #: Sample among the k most likely tokens only.
+    top_k: Optional[int] = Field(default=None, ge=0)
+    #: Drop tokens less likely than min_p times the most likely one.
+    min_p: Optional[float] = Field(default=None, ge=0, le=1)
+    #: Divide (multiply, when negative) the logits of tokens seen in the last 20 by this.
+    repetition_penalty: Optional[float] = Field(default=None, ge=0)
+    #: Subtract this from the logits of tokens seen in the last 20 (OpenAI's range).
+    presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    #: Subtract this times the count of each token seen in the last 20 (OpenAI's range).
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
 
     @field_validator("prompt")
     @classmethod

@@ -24,6 +24,13 @@ class GenerationResult:
     tier: str
     #: Engine statistics for this call (paged tiers: hits, misses, bytes read, ...).
     engine: dict[str, Any] = field(default_factory=dict)
+    #: Of the prompt's tokens, those a prompt cache already held (not prefilled by this call).
+    cached_tokens: int = 0
+
+    @property
+    def prefill_tokens(self) -> int:
+        """The prompt tokens this call prefilled."""
+        return self.prompt_tokens - self.cached_tokens
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -20,6 +20,7 @@ from outlier_runtime.core.params import check_generation, token_budget
 from outlier_runtime.core.protocols import LoadedModel, LoadRequest
 from outlier_runtime.core.resolve import resolve_model
 from outlier_runtime.core.results import Chunk, GenerationResult
+from outlier_runtime.core.sampling import make_logits_processors, make_sampler, vocab_size
 from outlier_runtime.core.system import peak_rss_bytes
 from outlier_runtime.core.catalog import check_admission, memory_plan, plans_memory, resolve_tier
 
@@ -123,12 +124,16 @@ class Runtime:
         seed: int | None = None,
         stop: Sequence[str] = (),
         chat: bool | None = None,
+        **sampling: Any,
     ) -> Generator[Chunk, None, GenerationResult]:
-        """Yield text chunks as they are generated; ``self.last_result`` holds the totals after."""
-        check_generation(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        """Yield text chunks as they are generated; ``self.last_result`` holds the totals after.
+
+        ``sampling`` takes ``top_k``, ``min_p``, ``repetition_penalty``, ``presence_penalty`` and
+        ``frequency_penalty`` (mlx-lm's sampler and logits processors)."""
+        check_generation(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, **sampling)
         tokens = self.encode(prompt, chat)
         return (yield from self.stream_tokens(tokens, max_tokens=max_tokens, temperature=temperature,
-                                              top_p=top_p, seed=seed, stop=stop))
+                                              top_p=top_p, seed=seed, stop=stop, **sampling))
 
     def stream_tokens(
         self,
@@ -141,18 +146,21 @@ class Runtime:
         stop: Sequence[str] = (),
         prompt_cache: list[Any] | None = None,
         cached: int = 0,
+        **sampling: Any,
     ) -> Generator[Chunk, None, GenerationResult]:
         """:meth:`stream` from token ids. With an mlx-lm ``prompt_cache`` that already holds the
-        first ``cached`` tokens, only the rest are prefilled (multi-turn chat)."""
+        first ``cached`` tokens, only the rest are prefilled (multi-turn chat, the server's
+        prompt cache); the result's ``cached_tokens`` says how many were not."""
         from mlx_lm import stream_generate
-        from mlx_lm.sample_utils import make_sampler
 
         params = check_generation(list(tokens), max_tokens=max_tokens, temperature=temperature,
-                                  top_p=top_p, seed=seed)
+                                  top_p=top_p, seed=seed, **sampling)
         defaults = self.manifest.generation
         budget = token_budget(len(tokens), params.max_tokens, defaults.max_tokens, defaults.context_window)
         temp = defaults.temperature if params.temperature is None else params.temperature
-        sampler = make_sampler(temp=temp, top_p=defaults.top_p if params.top_p is None else params.top_p)
+        sampler = make_sampler(params, temp, defaults.top_p if params.top_p is None else params.top_p,
+                               vocab_size(self.model))
+        processors = make_logits_processors(params, tokens[:cached])
         seed = defaults.seed if params.seed is None else params.seed
         new_tokens = list(tokens[cached:])
         if not new_tokens:
@@ -169,7 +177,9 @@ class Runtime:
             # Text that may be the start of a stop string is held back until the next piece
             # decides it, so a stop string split across two tokens is never yielded in part.
             held, hit = "", False
-            extra = {} if prompt_cache is None else {"prompt_cache": prompt_cache}
+            extra: dict[str, Any] = {} if prompt_cache is None else {"prompt_cache": prompt_cache}
+            if processors:
+                extra["logits_processors"] = processors
             for response in stream_generate(loaded.model, loaded.tokenizer, mx.array(new_tokens),
                                             max_tokens=budget, sampler=sampler, **extra):
                 last = response
@@ -199,6 +209,7 @@ class Runtime:
                 finish_reason=finish,
                 tier=self.name,
                 engine=loaded.stats(),
+                cached_tokens=cached,
             )
             return self.last_result
 

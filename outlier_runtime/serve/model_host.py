@@ -4,7 +4,9 @@ Loading, switching and generating all happen on a single worker thread, so reque
 in arrival order and never interleave inside a model; switching tiers closes the previous
 Runtime before loading the next. A :class:`GenerationJob` carries one request's generation
 and hands its events (started, chunk, done, error) to the event loop through an asyncio
-queue; setting its ``cancelled`` flag stops the generation at the next chunk.
+queue; setting its ``cancelled`` flag stops the generation at the next chunk. Every generation
+starts from the host's :class:`~outlier_runtime.core.prompt_cache.PrefixCache`, so a request
+prefills only the tokens after the longest prefix an earlier request left in it.
 
 The served tiers are resolved once (off the event loop) and again only on :meth:`refresh_tiers`
 (SIGHUP): reading manifests per request would stall every client behind a large one.
@@ -22,8 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from outlier_runtime.core.errors import AdmissionError, OutlierError, ParameterError, TierNotFoundError
+from outlier_runtime.core.manifest import TierManifest
+from outlier_runtime.core.params import check_generation
+from outlier_runtime.core.prompt_cache import PrefixCache
 from outlier_runtime.serve.openai_api import MODEL_PREFIX, ApiError
 from outlier_runtime.core.runtime import Prompt, Runtime
+from outlier_runtime.serve.models_api import check_downloaded
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +67,14 @@ class GenerationJob:
 class ModelHost:
     """Holds the one resident Runtime and runs all model work on a single worker thread."""
 
-    def __init__(self, load_overrides: Callable[[str], dict[str, Any]] = lambda tier: {}, force: bool = False):
+    def __init__(self, load_overrides: Callable[[str], dict[str, Any]] = lambda tier: {}, force: bool = False,
+                 prompt_cache_bytes: int = 0, allow_download: bool = False):
         self._load_overrides = load_overrides  # tier -> keyword overrides for load()
         self._force = force
+        #: Whether a request may load a tier whose weights must be downloaded first.
+        self._allow_download = allow_download
+        #: KV caches of earlier requests by prefix (0 bytes: every request prefills its whole prompt).
+        self.prompt_cache = PrefixCache(prompt_cache_bytes)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outlier-model")
         self._runtime: Runtime | None = None
         self._tiers: list[dict[str, Any]] | None = None
@@ -102,6 +113,13 @@ class ModelHost:
                                 f"Available: {available}.", param="model", code="model_not_found")
         return tier
 
+    def manifest(self, tier: str) -> TierManifest:
+        """The tier's manifest as this server loads it (its load overrides applied)."""
+        from outlier_runtime.core.catalog import resolve_tier
+        from outlier_runtime.core.plugin_manager import get_registry
+
+        return resolve_tier(tier, get_registry(), self._load_overrides(tier))
+
     def submit(self, job: GenerationJob) -> None:
         with self._jobs_lock:
             if len(self._jobs) >= MAX_QUEUED_JOBS:
@@ -130,6 +148,13 @@ class ModelHost:
             return False
         return True
 
+    def _prompt_cache_stats(self, result: Any) -> dict[str, Any]:
+        """The last request's cached and prefilled prompt tokens, and what the prompt cache holds."""
+        cache = self.prompt_cache
+        return {"cached_tokens": result.cached_tokens if result else 0,
+                "prefill_tokens": result.prefill_tokens if result else 0,
+                "entries": len(cache), "bytes": cache.nbytes, "max_bytes": cache.max_bytes}
+
     # Everything below runs on the worker thread only.
 
     def _unload(self) -> None:
@@ -137,6 +162,7 @@ class ModelHost:
             log.info("closing tier %s", self._runtime.name)
             self._runtime.close()
             self._runtime = None
+            self.prompt_cache.clear()  # caches of a model that is gone only take memory
 
     def _preload(self, tier: str) -> None:
         try:
@@ -168,13 +194,19 @@ class ModelHost:
             self._count("cancelled")
             return  # the client left while the request was queued
         try:
+            if not self._allow_download and self.loaded_tier != job.tier:
+                check_downloaded(job.tier, self.manifest(job.tier))
             runtime = self._ensure(job.tier)
+            # Refused before a template wraps an empty prompt, and before a stored cache is taken;
+            # an oversized prompt is refused by its size before it is tokenized.
+            check_generation(job.prompt, **{k: v for k, v in job.options.items() if k != "stop"})
             check_prompt_size(runtime, job.prompt, job.prompt_param)
-            prompt_tokens = len(runtime.encode(job.prompt, chat=job.chat))
+            tokens = runtime.encode(job.prompt, chat=job.chat)
+            prompt_tokens = len(tokens)
             budget = token_budget(runtime, prompt_tokens, job.max_tokens, job.prompt_param)
             job.emit("started", prompt_tokens)
-            with contextlib.closing(runtime.stream(job.prompt, max_tokens=budget, chat=job.chat,
-                                                   **job.options)) as chunks:
+            with contextlib.closing(self.prompt_cache.stream(runtime, tokens, max_tokens=budget,
+                                                             **job.options)) as chunks:
                 for chunk in chunks:
                     job.emit("chunk", chunk.text)
                     if job.cancelled.is_set():
@@ -182,11 +214,16 @@ class ModelHost:
                         self._count("cancelled")
                         return
             result = runtime.last_result
-            self.last_stats = {"tier": runtime.name, "result": counters_of(result) if result else None}
+            # Counters only: the stats route never returns request or response text.
+            self.last_stats = {"tier": runtime.name, "result": counters_of(result) if result else None,
+                               "prompt_cache": self._prompt_cache_stats(result)}
             self._count("completed")
             if result:
                 self._count("prompt_tokens", result.prompt_tokens)
                 self._count("generation_tokens", result.generation_tokens)
+                log.info("tier %s: %d prompt tokens, %d from the prompt cache, %d prefilled; %d generated",
+                         runtime.name, result.prompt_tokens, result.cached_tokens, result.prefill_tokens,
+                         result.generation_tokens)
             job.emit("done", result)
         except ApiError as exc:
             self._count("failed")

@@ -3,7 +3,8 @@
 Requests are checked strictly. A field this server cannot honour (``n > 1``, ``tools``,
 ``logprobs``, ...) is answered with HTTP 400 naming it, never ignored; an unknown field is
 rejected too. The few extras that OpenAI clients send and that change nothing about the
-text (``user``, ``metadata``, ``store``, ...) are declared below and ignored on purpose.
+text (``user``, ``metadata``, ``store``, ...) are declared below and ignored on purpose. The
+sampling extras chat front ends send (``top_k``, ``min_p``, the penalties) are honoured.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Annotated, Any, Callable, ClassVar, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from outlier_runtime.core.params import SAMPLING_EXTRAS
 from outlier_runtime.core.results import GenerationResult
 
 #: Served tiers are named ``outlier-<tier>`` in ``/v1/models`` and the ``model`` field.
@@ -151,20 +153,23 @@ class _GenerationRequest(_Strict):
     seed: Optional[int] = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
+    # Sampling extras chat front ends send (mlx_lm.server takes them too); their bounds are
+    # checked with every other generation parameter's, in core/params.py.
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
     # Harmless extras OpenAI clients send: accepted and ignored on purpose.
     user: Optional[Text] = None
     # Declared so that asking for them gets a clear 400 (see UNSUPPORTED), not "unknown field".
     n: Any = None
     logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
 
     #: field -> (is the value one we can honour?, why not otherwise)
     UNSUPPORTED: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {
         "n": (lambda v: v in (None, 1), "only n=1 is supported (one choice per request)"),
         "logit_bias": (_unset, "logit_bias is not supported"),
-        "presence_penalty": (_unset, "presence_penalty is not supported"),
-        "frequency_penalty": (_unset, "frequency_penalty is not supported"),
     }
 
     def check_supported(self) -> None:
@@ -178,6 +183,10 @@ class _GenerationRequest(_Strict):
                            param="stream_options", code="invalid_value")
         if any(not s for s in self.stops()):
             raise ApiError(400, "Stop sequences must not be empty.", param="stop", code="invalid_value")
+
+    def sampling(self) -> dict[str, Any]:
+        """The sampling extras this request sets, as ``Runtime.stream`` takes them."""
+        return {name: getattr(self, name) for name in SAMPLING_EXTRAS if getattr(self, name) is not None}
 
     def stops(self) -> list[str]:
         if self.stop is None:
@@ -268,11 +277,13 @@ class CompletionRequest(_GenerationRequest):
         return self.max_tokens
 
 
-def usage(result: GenerationResult) -> dict[str, int]:
+def usage(result: GenerationResult) -> dict[str, Any]:
     return {
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.generation_tokens,
         "total_tokens": result.prompt_tokens + result.generation_tokens,
+        # Where OpenAI clients look for prompt-cache hits: the prompt tokens not prefilled again.
+        "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
     }
 
 

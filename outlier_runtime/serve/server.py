@@ -31,7 +31,10 @@ from starlette.exceptions import HTTPException
 from outlier_runtime.core.errors import OutlierError
 from outlier_runtime.serve.connections import DEFAULT_HEAD_TIMEOUT, DEFAULT_MAX_CONNECTIONS
 from outlier_runtime.serve.guard import BodyGuard, GuardConfig, HostGuard
+from outlier_runtime.core.memory import GB
+from outlier_runtime.serve.content_type import JsonBodies
 from outlier_runtime.serve.model_host import GenerationJob, ModelHost
+from outlier_runtime.serve.models_api import model_entries
 from outlier_runtime.serve.openai_api import (
     MODEL_PREFIX,
     ApiError,
@@ -51,6 +54,9 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "OUTLIER_API_KEY"
+
+#: Default bound on the prompt cache: KV caches kept between requests (``--prompt-cache-gb``).
+DEFAULT_PROMPT_CACHE_GB = 1.0
 
 
 class ServerConfigError(OutlierError):
@@ -81,6 +87,10 @@ class ServerConfig:
 
     def guard(self) -> GuardConfig:
         return GuardConfig.for_bind(self.host, self.allowed_hosts, **self.guard_limits)
+    #: Bytes of KV caches kept between requests, in GB (0: every request prefills its whole prompt).
+    prompt_cache_gb: float = DEFAULT_PROMPT_CACHE_GB
+    #: Whether a request may start downloading a tier's weights (else a 503 says `outlier pull TIER`).
+    allow_download: bool = False
 
     def load_overrides(self, tier: str) -> dict[str, Any]:
         """The overrides ``load(tier, ...)`` gets: the paging knobs its loader accepts, then the tier's own."""
@@ -224,7 +234,8 @@ async def _respond(request: Request, host: ModelHost, job: GenerationJob, reply:
 
 def create_app(config: ServerConfig) -> FastAPI:
     """The FastAPI application serving ``config``'s tiers."""
-    host = ModelHost(config.load_overrides, force=config.force)
+    host = ModelHost(config.load_overrides, force=config.force,
+                     prompt_cache_bytes=int(config.prompt_cache_gb * GB), allow_download=config.allow_download)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -243,6 +254,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.host = host
     guard = config.guard()
     # Outermost last: the Host check, then the key, then the body is read (only for callers with the key).
+    app.add_middleware(JsonBodies)  # inside the key check: a caller without the key learns nothing
     app.add_middleware(BodyGuard, config=guard)
     if config.api_key:
         app.add_middleware(BearerAuth, api_key=config.api_key)
@@ -264,9 +276,19 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        data = [{"id": MODEL_PREFIX + row["name"], "object": "model", "created": 0, "owned_by": "outlier-runtime"}
-                for row in host.served_tiers()]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": model_entries(host.served_tiers(), host.manifest)}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str) -> dict[str, Any]:
+        tier = host.tier_for(model_id)  # a 404 naming the served models for any other id
+        (row,) = [row for row in host.served_tiers() if row["name"] == tier]
+        return model_entries([row], host.manifest)[0]
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """The server answers (load balancers, front ends); says which tier is loaded."""
+        tier = host.loaded_tier
+        return {"status": "ok", "loaded_model": MODEL_PREFIX + tier if tier else None}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -297,7 +319,8 @@ def create_app(config: ServerConfig) -> FastAPI:
 
 def _job(body: ChatCompletionRequest | CompletionRequest, tier: str, prompt: Prompt, *, chat: bool,
          prompt_param: str) -> GenerationJob:
-    options = {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "stop": body.stops()}
+    options = {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "stop": body.stops(),
+               **body.sampling()}
     return GenerationJob(tier, prompt, chat, prompt_param, body.token_budget(), options,
                          asyncio.get_running_loop())
 
