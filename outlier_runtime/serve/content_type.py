@@ -1,8 +1,13 @@
 """Request bodies are JSON whatever their label says, as mlx_lm.server reads them.
 
-Some clients (curl without -H, a few chat front ends) send a JSON body as ``text/plain``; it is
-read as JSON, like a body with no content type at all. A body labelled as anything else (a form,
+Some clients (a few chat front ends, scripts) send a JSON body as ``text/plain``; it is read as
+JSON, like a body with no content type at all. A body labelled as anything else (a form,
 multipart, XML) gets a 415 saying to send JSON, instead of a validation error about its fields.
+
+Not from a browser page, though: ``text/plain`` is the one body type a page on any site may post
+to 127.0.0.1 without a CORS preflight, and the Host check does not stop it (the Host is ours).
+Browsers always name the page's origin on such a request (``Origin``), programs do not: a
+``text/plain`` body that comes with an ``Origin`` header is refused like any other non-JSON type.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ class JsonBodies:
         if scope["type"] == "http" and scope["method"] in _BODY_METHODS:
             label = Headers(scope=scope).get("content-type")
             media = (label or "").split(";")[0].strip().lower()
-            if media == "text/plain":
+            if media == "text/plain" and Headers(scope=scope).get("origin") is None:
                 headers = [(name, value) for name, value in scope["headers"] if name.lower() != b"content-type"]
                 scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
             elif label is not None and not _is_json(media):
