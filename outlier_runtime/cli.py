@@ -75,6 +75,18 @@ def tiers(as_json: bool) -> None:
             click.echo(f"{'':<10} memory plan (GB): {items}")
 
 
+def _writable_dir(path: Path, flag: str = "--out") -> None:
+    """Create an output folder now, so a bad one is refused before minutes of work, in one line."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".outlier-write-check"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot write to {path}: {exc.strerror or exc}; choose another folder",
+                                 param_hint=flag) from None
+
+
 def _size(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
@@ -357,7 +369,7 @@ def demo(prompt: str, max_tokens: int, k_override: int, cache_gb: float, reader:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; anything but loopback needs an API key.")
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--api-key", envvar="OUTLIER_API_KEY",
               help="Require `Authorization: Bearer KEY` on every request (or set OUTLIER_API_KEY).")
 @click.option("--tier", "preload", help="Tier to load at start (--model applies to it); default: on first request.")
@@ -507,6 +519,7 @@ def routing(model: str, out_dir: Path, max_tokens: int, policies: str | None, pl
     from outlier_runtime.bench.routing import routing_report
     from outlier_runtime.core.resolve import resolve_reference
 
+    _writable_dir(out_dir)
     report = routing_report(resolve_reference(model), out_dir, max_tokens=max_tokens, plots=plots,
                             policies=None if policies is None else [p.strip() for p in policies.split(",") if p.strip()])
     summary = {"out_dir": str(out_dir), "tokens": report["tokens"], "fractions": report["fractions"],
@@ -622,6 +635,8 @@ def bench(ctx: click.Context, quick: bool, layers: int | None, tokens: int | Non
     """Benchmark the Plus engine: stock, mmap, pread, fanout, fanout+pack(+prefetch), disk and compute bounds."""
     from outlier_runtime.bench.runner import PROMPT, BenchOptions, choose_geometry, run_bench
 
+    _writable_dir(out_dir)
+
     reader_options = {k: v for k, v in {"workers": workers,
                                         "chunk_bytes": chunk_kib * 1024 if chunk_kib else None}.items() if v}
     options = BenchOptions(
@@ -657,6 +672,8 @@ def sweep_k(ctx: click.Context, ks: tuple[int, ...], quick: bool, layers: int | 
             out_dir: Path, timeout: float) -> None:
     """The product's K sweep: tok/s, peak RSS and agreement with stock greedy tokens, one process per K."""
     from outlier_runtime.bench.runner import PROMPT, choose_geometry, run_sweep_k
+
+    _writable_dir(out_dir)
 
     md = run_sweep_k(choose_geometry(quick, layers), ks or (4, 20, 32, 48), out_dir, tokens=tokens,
                      prompts=prompts or (PROMPT,), reader=reader, cache_gb=cache_gb, cache_dir=cache_dir,

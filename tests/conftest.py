@@ -41,3 +41,15 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     yield home
     plugin_manager.clear_registered_plugins()
+
+
+@pytest.fixture(scope="module")
+def nano(tiny, tmp_path_factory):
+    """The Nano tier on a tiny dense llama, loaded once per test module."""
+    import outlier_runtime
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OUTLIER_HOME", str(tmp_path_factory.mktemp("outlier-home")))
+        runtime = outlier_runtime.load("nano", model=str(tiny("llama")), force=True)
+    yield runtime
+    runtime.close()

@@ -13,13 +13,6 @@ from outlier_runtime.cli import main
 from outlier_runtime.core.chat_session import ChatSession
 
 
-@pytest.fixture(scope="module")
-def nano(tiny, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OUTLIER_HOME", str(tmp_path_factory.mktemp("outlier-home")))
-        runtime = outlier_runtime.load("nano", model=str(tiny("llama")), force=True)
-    yield runtime
-    runtime.close()
 
 
 def reply(session: ChatSession, text: str):

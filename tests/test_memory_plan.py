@@ -234,3 +234,18 @@ def test_peak_rss_over_300_paged_tokens_stays_within_the_plan(tiny):
     # The process: non-expert weights + KV cache + cache_gb, plus 10%.
     planned = sum(line["gb"] for line in report["plan"]["lines"]) * GB
     assert report["peak"] - report["baseline"] <= 1.10 * planned, (report["peak"] - report["baseline"]) / 1e6
+
+
+def test_the_server_serves_a_paged_tier_admitted_by_its_plan_not_its_headline_figure():
+    # `outlier serve --tier plus --model embedded:demo-moe` without --force: Plus's headline
+    # min_ram_gb (36.8 GB with slack) exceeds this machine, but its loader plans memory at load.
+    from outlier_runtime.serve.model_host import ModelHost
+
+    rows = {row["name"]: row for row in outlier_runtime.tiers()}
+    assert rows["plus"]["admitted_by_plan"] is True and rows["nano"]["admitted_by_plan"] is False
+    host = ModelHost(force=False)
+    try:
+        assert "plus" in [row["name"] for row in host.served_tiers()]
+        assert host.tier_for("outlier-plus") == "plus"
+    finally:
+        host.close()

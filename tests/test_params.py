@@ -59,13 +59,6 @@ def test_the_token_budget_stays_inside_the_context_window():
     assert caught.value.param == "prompt"
 
 
-@pytest.fixture(scope="module")
-def nano(tiny, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OUTLIER_HOME", str(tmp_path_factory.mktemp("outlier-home")))
-        runtime = outlier_runtime.load("nano", model=str(tiny("llama")), force=True)
-    yield runtime
-    runtime.close()
 
 
 @pytest.mark.parametrize("name, value, message", BAD[:1] + BAD[2:4])

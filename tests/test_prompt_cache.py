@@ -8,13 +8,6 @@ import outlier_runtime
 from outlier_runtime.core.prompt_cache import PrefixCache, cache_length
 
 
-@pytest.fixture(scope="module")
-def nano(tiny, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OUTLIER_HOME", str(tmp_path_factory.mktemp("outlier-home")))
-        runtime = outlier_runtime.load("nano", model=str(tiny("llama")), force=True)
-    yield runtime
-    runtime.close()
 
 
 def run(cache: PrefixCache, runtime, tokens, **options):

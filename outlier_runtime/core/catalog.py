@@ -307,6 +307,8 @@ class TierStatus:
     reason: str
     error: str | None = None
     plan: MemoryPlan | None = None
+    #: The tier's loader plans its memory: loading checks that plan, whatever ``runnable`` says now.
+    planned: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         m = self.manifest
@@ -323,6 +325,7 @@ class TierStatus:
             "image_input": m.model.image_input if m else None,
             "runnable": self.runnable,
             "memory_plan": self.plan.to_dict() if self.plan else None,
+            "admitted_by_plan": self.planned,
             "reason": self.reason,
             "error": self.error,
             "files": [str(f) for f in self.files],
@@ -389,8 +392,9 @@ def list_tiers(registry: Registry) -> list[TierStatus]:
             statuses.append(TierStatus(manifest, name, source.files, False, str(exc)))
             continue
         ok, reason = admission(manifest, plan=plan)
-        if plan is None and plans_memory(manifest, registry):
+        planned = plans_memory(manifest, registry)
+        if plan is None and planned:
             reason += f"; the tier's headline figure: its memory is planned from the model once on disk " \
                       f"(`outlier pull {name}`)"
-        statuses.append(TierStatus(manifest, name, source.files, ok, reason, plan=plan))
+        statuses.append(TierStatus(manifest, name, source.files, ok, reason, plan=plan, planned=planned))
     return statuses

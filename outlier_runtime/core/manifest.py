@@ -171,4 +171,6 @@ def explain_error(error: dict[str, Any]) -> str:
     }
     if kind in bounds:
         return f"got {given!r}, {bounds[kind]}"
+    if kind == "value_error":  # our own validators' words, without pydantic's "Value error, " prefix
+        return f"got {given!r}: {error['ctx']['error'] if 'error' in ctx else error['msg']}"
     return f"got {given!r}: {error['msg']}"

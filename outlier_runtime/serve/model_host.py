@@ -95,13 +95,16 @@ class ModelHost:
         import outlier_runtime
 
         started = time.perf_counter()
+        # A paged tier is admitted by its memory plan when it loads (with this server's overrides,
+        # e.g. another model), not by the headline figure the listing falls back to.
         self._tiers = [row for row in outlier_runtime.tiers()
-                       if row["error"] is None and (row["runnable"] or self._force)]
+                       if row["error"] is None and (row["runnable"] or row["admitted_by_plan"] or self._force)]
         log.info("serving %d tiers (manifests read in %.2f s)", len(self._tiers), time.perf_counter() - started)
         return self._tiers
 
     def served_tiers(self) -> list[dict[str, Any]]:
-        """Tiers with a valid manifest that this machine can run (every valid one with --force)."""
+        """Tiers with a valid manifest that this machine can run, or whose loader plans memory at load
+        (every valid one with --force)."""
         return self._tiers if self._tiers is not None else self.refresh_tiers()
 
     def tier_for(self, model: str) -> str:
