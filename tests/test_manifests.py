@@ -283,3 +283,13 @@ def test_force_loads_a_tier_too_big_for_this_machine(ram, tiny):
         result = runtime.generate("def f(", max_tokens=3, temperature=0.0, chat=False)
     assert result.tier == "nano"
     assert result.generation_tokens == len(result.tokens) > 0
+
+
+def test_one_unreadable_user_manifest_is_listed_invalid_and_hides_no_other_tier(isolated_home):
+    path = write(isolated_home / "tiers", "mine.toml", "[tier\nid = 'mine'\n")
+    rows = {row["name"]: row for row in outlier_runtime.tiers()}
+    assert rows["mine"]["error"].startswith(f"{path}: not valid TOML")
+    assert rows["mine"]["runnable"] is False and rows["mine"]["files"] == [str(path)]
+    assert rows["plus"]["error"] is None and len(rows) == 8  # the seven tiers are still listed
+    with pytest.raises(ManifestError, match="not valid TOML"):  # loading any tier still says why
+        resolve("plus")

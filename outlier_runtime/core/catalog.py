@@ -90,8 +90,13 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def discover(extra_dirs: Iterable[Path] = ()) -> dict[str, TierSource]:
-    """Every tier's merged (not yet validated) manifest data, by tier id."""
+def discover(extra_dirs: Iterable[Path] = (), broken: dict[Path, ManifestError] | None = None
+             ) -> dict[str, TierSource]:
+    """Every tier's merged (not yet validated) manifest data, by tier id.
+
+    A user file that cannot be read is an error, or, when ``broken`` is given (listings), is
+    recorded there and skipped, so one bad file does not hide every other tier.
+    """
     sources: dict[str, TierSource] = {}
     for path in builtin_tier_files():
         data = read_toml(path)
@@ -102,8 +107,14 @@ def discover(extra_dirs: Iterable[Path] = ()) -> dict[str, TierSource]:
         if not directory.is_dir():
             continue
         for path in sorted(directory.glob("*.toml")):
-            data = read_toml(path)
-            tier_id = _tier_id(data, path)
+            try:
+                data = read_toml(path)
+                tier_id = _tier_id(data, path)
+            except ManifestError as exc:
+                if broken is None:
+                    raise
+                broken[path] = exc
+                continue
             if tier_id in user_defined:
                 raise ManifestError(
                     f"Tier {tier_id!r} is defined twice: {user_defined[tier_id]} and {path}. "
@@ -380,7 +391,11 @@ def check_admission(manifest: TierManifest, force: bool = False, plan: MemoryPla
 def list_tiers(registry: Registry) -> list[TierStatus]:
     """Every known tier with whether this machine can run it; broken manifests are listed too."""
     statuses = []
-    for name, source in sorted(discover().items()):
+    broken: dict[Path, ManifestError] = {}
+    sources = discover(broken=broken)
+    for path, exc in broken.items():
+        statuses.append(TierStatus(None, path.stem, [path], False, "invalid manifest", str(exc)))
+    for name, source in sorted(sources.items()):
         try:
             manifest = resolve_plugin_options(validate_manifest(source.data, source.label), source.label, registry)
         except ManifestError as exc:
