@@ -1,0 +1,143 @@
+"""Two ranks over loopback (ring backend): pipeline-parallel paging gives stock mlx-lm's greedy
+tokens, each rank reads only its own layers' experts, and a killed rank ends the other's run
+with one line naming the ranks. Every process runs under a timeout; only 127.0.0.1 is used."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx_lm
+import pytest
+
+import outlier_runtime
+
+from distributed_rank import MAX_TOKENS, PROMPT  # tests/ is on sys.path
+
+RANK_SCRIPT = Path(__file__).with_name("distributed_rank.py")
+
+LAUNCHER = Path(sys.executable).with_name("mlx.launch")
+#: Seconds a whole two-rank run may take (each rank loads a tiny model and makes 12 tokens).
+RUN_TIMEOUT = 90
+#: Seconds the surviving rank may take to end after its peer was killed.
+FAULT_TIMEOUT = 45
+
+
+def _free_port_pair() -> int:
+    """A port p with p and p + 1 free on 127.0.0.1 (mlx.launch gives rank r port p + r)."""
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no two consecutive free ports on 127.0.0.1")
+
+
+def _run_bounded(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``command`` in its own process group; on timeout kill the whole group and fail."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True, **kwargs)
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, _ = process.communicate()
+        pytest.fail(f"{command[:3]} ... still running after {timeout} s:\n{out[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, out)
+
+
+def _launch(model: Path, out_dir: Path) -> list[dict]:
+    """Both ranks through mlx.launch (ring, loopback); their result files, rank 0 first."""
+    if not LAUNCHER.exists():
+        pytest.skip(f"{LAUNCHER} not found (mlx's launcher is installed with mlx)")
+    command = [str(LAUNCHER), "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1",
+               "--starting-port", str(_free_port_pair()), "--python", sys.executable,
+               str(RANK_SCRIPT), str(model), str(out_dir)]
+    done = _run_bounded(command, RUN_TIMEOUT, cwd=out_dir)
+    # mlx.launch exits 0 even when a rank failed: the result files say whether both finished.
+    files = [out_dir / f"rank{rank}.json" for rank in range(2)]
+    assert all(f.exists() for f in files), done.stdout[-3000:]
+    return [json.loads(f.read_text()) for f in files]
+
+
+def _single_process(model: Path) -> tuple[list[int], list[int]]:
+    """Greedy tokens of stock mlx-lm and of the one-process paged tier, for the same prompt."""
+    stock, tokenizer = mlx_lm.load(str(model))
+    prompt = tokenizer.encode(PROMPT)
+    stock_tokens = [r.token for r in mlx_lm.stream_generate(stock, tokenizer, prompt, max_tokens=MAX_TOKENS)]
+    with outlier_runtime.load("plus", model=str(model), k_override=2, cache_gb=0, force=True) as runtime:
+        paged = runtime.generate(PROMPT, max_tokens=MAX_TOKENS, temperature=0.0, chat=False).tokens
+    return stock_tokens, paged
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen3_5_moe"])
+def test_two_ranks_match_stock_and_read_only_their_layers(arch, tiny, tmp_path):
+    model = tiny(arch)
+    ranks = _launch(model, tmp_path)
+    stock, paged = _single_process(model)
+    assert paged == stock
+    for result in ranks:
+        assert result["tokens"] == stock  # every rank samples the same tokens; rank 0 owns output
+
+    seen = []
+    for rank, result in enumerate(ranks):
+        engine = result["engine"]
+        shard = engine["config"]["distributed"]
+        assert (shard["rank"], shard["size"]) == (rank, 2)
+        start, end = shard["layers"]
+        paths = shard["moe_layer_paths"]
+        # This rank's switch layers are exactly its share, and it read experts in each of them.
+        assert [int(p.split(".layers.")[1].split(".")[0]) for p in paths] == list(range(start, end))
+        assert len(engine["layers"]) == len(paths) == engine["config"]["moe_layers"]
+        assert all(layer["misses"] > 0 and layer["bytes_read"] > 0 for layer in engine["layers"])
+        assert engine["total"]["bytes_read"] == sum(layer["bytes_read"] for layer in engine["layers"])
+        seen += paths
+    # Rank 0 runs the last layers; together the ranks cover every layer once.
+    num_layers = ranks[0]["engine"]["config"]["distributed"]["num_layers"]
+    first, last = (ranks[r]["engine"]["config"]["distributed"]["layers"] for r in (1, 0))
+    assert first[0] == 0 and first[1] == last[0] and last[1] == num_layers
+    assert len(seen) == len(set(seen)) == num_layers
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_killed_rank_ends_the_other_with_one_line(victim, tiny, tmp_path):
+    """Started by hand with the environment mlx.launch sets (MLX_HOSTFILE, MLX_RANK), so what the
+    survivor does is its own, not the launcher's (which would terminate it)."""
+    model = tiny("qwen3_moe")
+    port = _free_port_pair()
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
+    processes = []
+    for rank in range(2):
+        env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)}
+        command = [sys.executable, str(RANK_SCRIPT), str(model), str(tmp_path), "--kill", str(victim), "3"]
+        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, start_new_session=True))
+    survivor = 1 - victim
+    try:
+        _, err = processes[survivor].communicate(timeout=FAULT_TIMEOUT)
+        processes[victim].communicate(timeout=FAULT_TIMEOUT)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
+    assert processes[victim].returncode == -signal.SIGKILL
+    assert processes[survivor].returncode == 2, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("outlier:")]
+    assert len(lines) == 1, err[-3000:]
+    assert f"rank {survivor} of 2" in lines[0] and f"lost pipeline peer rank {victim}" in lines[0]
+    assert f"127.0.0.1:{port + victim}" in lines[0]
+    assert not (tmp_path / f"rank{survivor}.json").exists()
