@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -141,3 +142,45 @@ def test_a_killed_rank_ends_the_other_with_one_line(victim, tiny, tmp_path):
     assert f"rank {survivor} of 2" in lines[0] and f"lost pipeline peer rank {victim}" in lines[0]
     assert f"127.0.0.1:{port + victim}" in lines[0]
     assert not (tmp_path / f"rank{survivor}.json").exists()
+
+
+def test_outlier_run_with_a_hostfile_runs_two_ranks(tiny, tmp_path):
+    """`outlier run --hostfile` wraps mlx.launch: rank 0 prints the reply once, each rank its stats."""
+    model = tiny("qwen3_moe")
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
+    with outlier_runtime.load("plus", model=str(model), k_override=2, cache_gb=0, force=True) as runtime:
+        expected = runtime.generate(PROMPT, max_tokens=MAX_TOKENS, temperature=0.0, chat=False).text
+    outlier = Path(sys.executable).with_name("outlier")
+    command = [str(outlier), "run", "plus", PROMPT, "--raw", "--model", str(model), "--k-override", "2",
+               "--cache-gb", "0", "--force", "--temp", "0", "--max-tokens", str(MAX_TOKENS), "--stats",
+               "--hostfile", str(hostfile), "--starting-port", str(_free_port_pair())]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, cwd=tmp_path)
+    try:
+        out, err = process.communicate(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"outlier run --hostfile still running after {RUN_TIMEOUT} s:\n{err[-3000:]}")
+    assert process.returncode == 0, err[-3000:]
+    assert out == PROMPT + expected + "\n"
+    for rank, layer in ((0, "model.layers.1."), (1, "model.layers.0.")):
+        line = next(l for l in err.splitlines() if l.startswith(f"[rank {rank}] -- pipeline rank {rank} of 2"))
+        assert layer in line
+
+
+def test_outlier_run_with_a_hostfile_exits_2_when_a_rank_fails(tmp_path):
+    from click.testing import CliRunner
+
+    from outlier_runtime.cli import main
+
+    missing = CliRunner().invoke(main, ["run", "plus", "hi", "--hostfile", str(tmp_path / "none.json")])
+    assert missing.exit_code == 2 and "no such file" in missing.output
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
+    command = [str(Path(sys.executable).with_name("outlier")), "run", "plus", "hi", "--model", str(tmp_path / "no-model"),
+               "--hostfile", str(hostfile), "--starting-port", str(_free_port_pair())]
+    done = _run_bounded(command, RUN_TIMEOUT, cwd=tmp_path)
+    assert done.returncode == 2, done.stdout[-3000:]
+    assert re.search(r"^error: rank [0-9, ]+ failed", done.stdout, re.MULTILINE), done.stdout[-3000:]
