@@ -112,29 +112,47 @@ def test_two_ranks_match_stock_and_read_only_their_layers(arch, tiny, tmp_path):
     assert len(seen) == len(set(seen)) == num_layers
 
 
+def _by_hand(models: list[Path], port: int, out_dir: Path, *extra: str) -> tuple[list[subprocess.Popen], list[str]]:
+    """Both ranks started by hand with the environment mlx.launch sets (MLX_HOSTFILE, MLX_RANK),
+    rank r on ``models[r]``; waits (bounded) for both. Returns the processes and their stderr."""
+    hostfile = out_dir / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
+    processes = []
+    for rank, model in enumerate(models):
+        env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)}
+        command = [sys.executable, str(RANK_SCRIPT), str(model), str(out_dir), *extra]
+        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, start_new_session=True))
+    errors = []
+    try:
+        for process in processes:
+            errors.append(process.communicate(timeout=FAULT_TIMEOUT)[1])
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
+    return processes, errors
+
+
+def test_ranks_with_different_model_files_are_refused(tiny, tmp_path):
+    processes, errors = _by_hand([tiny("qwen3_moe"), tiny("qwen3_moe", num_experts=8)], _free_port_pair(), tmp_path)
+    for rank, (process, err) in enumerate(zip(processes, errors)):
+        assert process.returncode == 2, err[-3000:]
+        lines = [line for line in err.splitlines() if line.startswith("outlier:")]
+        assert len(lines) == 1 and f"rank {rank} of 2" in lines[0], err[-3000:]
+        assert "rank(s) 1 have other model files than rank 0" in lines[0]
+
+
 @pytest.mark.parametrize("victim", [1, 0])
 def test_a_killed_rank_ends_the_other_with_one_line(victim, tiny, tmp_path):
     """Started by hand with the environment mlx.launch sets (MLX_HOSTFILE, MLX_RANK), so what the
     survivor does is its own, not the launcher's (which would terminate it)."""
     model = tiny("qwen3_moe")
     port = _free_port_pair()
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
-    processes = []
-    for rank in range(2):
-        env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)}
-        command = [sys.executable, str(RANK_SCRIPT), str(model), str(tmp_path), "--kill", str(victim), "3"]
-        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True, start_new_session=True))
+    processes, errors = _by_hand([model, model], port, tmp_path, "--kill", str(victim), "3")
     survivor = 1 - victim
-    try:
-        _, err = processes[survivor].communicate(timeout=FAULT_TIMEOUT)
-        processes[victim].communicate(timeout=FAULT_TIMEOUT)
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.communicate()
+    err = errors[survivor]
     assert processes[victim].returncode == -signal.SIGKILL
     assert processes[survivor].returncode == 2, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("outlier:")]
@@ -184,3 +202,26 @@ def test_outlier_run_with_a_hostfile_exits_2_when_a_rank_fails(tmp_path):
     done = _run_bounded(command, RUN_TIMEOUT, cwd=tmp_path)
     assert done.returncode == 2, done.stdout[-3000:]
     assert re.search(r"^error: rank [0-9, ]+ failed", done.stdout, re.MULTILINE), done.stdout[-3000:]
+
+
+def test_pipeline_in_one_process_is_one_rank(tiny):
+    """Without mlx.launch the group has one rank: every layer here, the same tokens."""
+    model = tiny("qwen3_moe")
+    stock, paged = _single_process(model)
+    with outlier_runtime.load("plus", model=str(model), distributed="pipeline", k_override=2, cache_gb=0,
+                              force=True) as runtime:
+        result = runtime.generate(PROMPT, max_tokens=MAX_TOKENS, temperature=0.0, chat=False)
+        shard = runtime.engine_stats()["config"]["distributed"]
+    assert result.tokens == paged == stock
+    assert (shard["rank"], shard["size"], shard["layers"]) == (0, 1, [0, 2])
+
+
+def test_a_split_that_does_not_fit_is_refused(tiny):
+    with pytest.raises(outlier_runtime.ParameterError, match=r"pipeline_split = \[1, 1\]: needs 1 entries"):
+        outlier_runtime.load("plus", model=str(tiny("qwen3_moe")), distributed="pipeline", pipeline_split=[1, 1],
+                             cache_gb=0, force=True)
+
+
+def test_a_model_without_a_pipeline_split_is_refused(tiny):
+    with pytest.raises(outlier_runtime.CheckpointError, match="has no pipeline\\(group\\) split"):
+        outlier_runtime.load("plus", model=str(tiny("mixtral")), distributed="pipeline", cache_gb=0, force=True)

@@ -11,16 +11,19 @@ and never reads another rank's experts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
 from outlier_runtime.core.errors import CheckpointError, DistributedError, ParameterError
+from outlier_runtime.engine.checkpoint import TensorEntry
 
 from .options import PagedMoEOptions
 
@@ -59,6 +62,22 @@ class PipelineShard:
         """Wait until every rank got here (as mlx-lm's sharded_load does after loading)."""
         mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu, group=self.group))
 
+    def check_same_model(self, fingerprint: bytes, path: Any) -> None:
+        """Refuse to start unless every rank has the same model files (compared through all_gather)."""
+        mine = mx.array(list(fingerprint), dtype=mx.uint8)
+        try:
+            every = mx.distributed.all_gather(mine, group=self.group, stream=mx.cpu)
+            mx.eval(every)
+        except RuntimeError as exc:
+            raise (self.explain_error(exc) or exc) from None
+        rows = every.reshape(self.size, -1).tolist()
+        differ = [rank for rank, row in enumerate(rows) if row != rows[0]]
+        if differ:
+            raise DistributedError(
+                f"rank {self.rank} of {self.size} ({self.host_of(self.rank)}): rank(s) "
+                f"{', '.join(map(str, differ))} have other model files than rank 0 (config.json or safetensors "
+                f"headers differ; this rank's are {path}): give every machine the same checkpoint")
+
     def finish(self) -> None:
         """Let the step mlx-lm computes ahead finish on every rank, then wait for all ranks: a rank
         that exits with its peer's bytes unread resets the connection, and the peer loses the end
@@ -84,6 +103,16 @@ class PipelineShard:
         return DistributedError(
             f"rank {self.rank} of {self.size} ({self.host_of(self.rank)}): lost pipeline peer {peers}: {first}; "
             f"that rank exited or cannot be reached: see its output, then start every rank again")
+
+
+def model_fingerprint(path: Any, entries: dict[str, TensorEntry]) -> bytes:
+    """SHA-256 of config.json and every tensor's name, dtype, shape, size and shard name: equal on
+    two machines holding the same checkpoint, wherever it lies (no paths, mtimes or inodes)."""
+    digest = hashlib.sha256(Path(path, "config.json").read_bytes())
+    for name in sorted(entries):
+        entry = entries[name]
+        digest.update(repr((name, entry.dtype, tuple(entry.shape), entry.nbytes, Path(entry.path).name)).encode())
+    return digest.digest()
 
 
 def _hosts() -> list[str]:

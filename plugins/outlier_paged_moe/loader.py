@@ -26,7 +26,7 @@ from outlier_runtime.engine.geometry import checkpoint_geometry
 from outlier_runtime.core.protocols import LoadedModel, LoadRequest
 
 from .memory import ExpertLayout, PagedBudget, plan_paged
-from .distributed import split_pipeline
+from .distributed import model_fingerprint, split_pipeline
 from .lookahead import NextLayerLookahead
 from .store import ExpertStore, LayerSlots
 from .switch import PagedSwitch
@@ -75,6 +75,8 @@ class PagedMoELoader:
         # Split first: other ranks' layers leave the model, so their experts get no index entry,
         # no slots and no reads here.
         shard = split_pipeline(model, paging, path) if paging.distributed == "pipeline" else None
+        if shard is not None:
+            shard.check_same_model(model_fingerprint(path, entries), path)
         sites = find_switch_modules(model)
         if not sites:
             raise CheckpointError(
