@@ -1,11 +1,11 @@
 """One rank of a two-rank pipeline test, started by mlx.launch (or by hand with its environment).
 
-Usage: distributed_rank.py MODEL OUT_DIR [--kill RANK AFTER]
+Usage: distributed_rank.py MODEL OUT_DIR [--kill RANK AFTER] [--temp T]
 
 Loads the tiny model as the paged tier ``plus`` with ``distributed="pipeline"``, generates
 greedily and writes ``OUT_DIR/rank<R>.json`` (tokens and this rank's engine statistics).
 ``--kill RANK AFTER``: rank RANK kills itself (SIGKILL) after AFTER tokens, to test how the other
-rank ends.
+rank ends. ``--temp T``: sample at temperature T, with no seed given.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ MAX_TOKENS = 12
 
 def main() -> int:
     model, out_dir = sys.argv[1], Path(sys.argv[2])
+    temperature = float(sys.argv[sys.argv.index("--temp") + 1]) if "--temp" in sys.argv else 0.0
     victim, after = map(int, sys.argv[sys.argv.index("--kill") + 1:][:2]) if "--kill" in sys.argv else (None, 0)
     try:
         # Closing the runtime on every rank lets the last step finish everywhere before a rank exits.
@@ -32,7 +33,7 @@ def main() -> int:
                                   force=True) as runtime:
             rank = runtime.engine_stats()["config"]["distributed"]["rank"]
             tokens = []
-            for chunk in runtime.stream(PROMPT, max_tokens=MAX_TOKENS, temperature=0.0, chat=False):
+            for chunk in runtime.stream(PROMPT, max_tokens=MAX_TOKENS, temperature=temperature, chat=False):
                 tokens.append(chunk.token)
                 if rank == victim and len(tokens) >= after:
                     os.kill(os.getpid(), signal.SIGKILL)

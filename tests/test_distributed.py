@@ -59,13 +59,13 @@ def _run_bounded(command: list[str], timeout: float, **kwargs) -> subprocess.Com
     return subprocess.CompletedProcess(command, process.returncode, out)
 
 
-def _launch(model: Path, out_dir: Path) -> list[dict]:
+def _launch(model: Path, out_dir: Path, *extra: str) -> list[dict]:
     """Both ranks through mlx.launch (ring, loopback); their result files, rank 0 first."""
     if not LAUNCHER.exists():
         pytest.skip(f"{LAUNCHER} not found (mlx's launcher is installed with mlx)")
     command = [str(LAUNCHER), "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1",
                "--starting-port", str(_free_port_pair()), "--python", sys.executable,
-               str(RANK_SCRIPT), str(model), str(out_dir)]
+               str(RANK_SCRIPT), str(model), str(out_dir), *extra]
     done = _run_bounded(command, RUN_TIMEOUT, cwd=out_dir)
     # mlx.launch exits 0 even when a rank failed: the result files say whether both finished.
     files = [out_dir / f"rank{rank}.json" for rank in range(2)]
@@ -142,6 +142,13 @@ def test_ranks_with_different_model_files_are_refused(tiny, tmp_path):
         lines = [line for line in err.splitlines() if line.startswith("outlier:")]
         assert len(lines) == 1 and f"rank {rank} of 2" in lines[0], err[-3000:]
         assert "rank(s) 1 have other model files than rank 0" in lines[0]
+
+
+def test_sampling_without_a_seed_gives_every_rank_the_same_tokens(tiny, tmp_path):
+    """The ranks share rank 0's random seed at load, so they draw the same tokens from the same logits."""
+    ranks = _launch(tiny("qwen3_moe"), tmp_path, "--temp", "1.0")
+    assert ranks[0]["tokens"] == ranks[1]["tokens"]
+    assert ranks[0]["tokens"]
 
 
 @pytest.mark.parametrize("victim", [1, 0])

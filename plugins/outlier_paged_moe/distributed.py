@@ -78,6 +78,17 @@ class PipelineShard:
                 f"{', '.join(map(str, differ))} have other model files than rank 0 (config.json or safetensors "
                 f"headers differ; this rank's are {path}): give every machine the same checkpoint")
 
+    def share_random_seed(self) -> None:
+        """Seed mlx's generator with rank 0's random seed on every rank: each rank samples from the
+        same logits, so with one seed they draw the same tokens even when the caller gives none."""
+        mine = mx.array([int.from_bytes(os.urandom(4), "little") >> 1], dtype=mx.int32)
+        try:
+            every = mx.distributed.all_gather(mine, group=self.group, stream=mx.cpu)
+            mx.eval(every)
+        except RuntimeError as exc:
+            raise (self.explain_error(exc) or exc) from None
+        mx.random.seed(int(every[0].item()))
+
     def finish(self) -> None:
         """Let the step mlx-lm computes ahead finish on every rank, then wait for all ranks: a rank
         that exits with its peer's bytes unread resets the connection, and the peer loses the end

@@ -77,6 +77,7 @@ class PagedMoELoader:
         shard = split_pipeline(model, paging, path) if paging.distributed == "pipeline" else None
         if shard is not None:
             shard.check_same_model(model_fingerprint(path, entries), path)
+            shard.share_random_seed()
         sites = find_switch_modules(model)
         if not sites:
             raise CheckpointError(
