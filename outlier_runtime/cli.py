@@ -211,9 +211,10 @@ def _toml_value(text: str) -> Any:
         return text
 
 
-def _print_stats(result: Any) -> None:
+def _print_stats(result: Any, prefix: str = "") -> None:
+    """Timing and paging statistics on stderr; ``prefix`` marks a pipeline rank's lines."""
     click.echo(
-        f"\n-- {result.generation_tokens} tokens, {result.generation_tps:.2f} tok/s decode, "
+        f"\n{prefix}-- {result.generation_tokens} tokens, {result.generation_tps:.2f} tok/s decode, "
         f"{result.prompt_tps:.1f} tok/s prompt, peak RSS {result.peak_rss_gb:.2f} GB, mlx peak {result.peak_memory_gb:.3f} GB",
         err=True,
     )
@@ -222,29 +223,34 @@ def _print_stats(result: Any) -> None:
         return
     total, config = engine["total"], engine.get("config", {})
     click.echo(
-        f"-- paging: {config.get('slots_per_layer')} slots/layer x {config.get('moe_layers')} layers, "
+        f"{prefix}-- paging: {config.get('slots_per_layer')} slots/layer x {config.get('moe_layers')} layers, "
         f"reader {config.get('reader')}, policy {config.get('cache_policy')}",
         err=True,
     )
     click.echo(
-        f"-- lookups {total['lookups']}: slot hits {total['slot_hits']}, RAM hits {total['ram_hits']}, "
+        f"{prefix}-- lookups {total['lookups']}: slot hits {total['slot_hits']}, RAM hits {total['ram_hits']}, "
         f"misses {total['misses']} (hit rate {total['hit_rate']:.1%}); read {total['bytes_read'] / 1e6:.1f} MB "
         f"in {total['read_seconds']:.3f} s; evictions {total['evictions']}; "
         f"resident {total['slot_resident_bytes'] / 1e6:.1f} MB slots + {total['ram_cache_bytes'] / 1e6:.1f} MB RAM",
         err=True,
     )
+    shard = config.get("distributed")
+    if shard:
+        start, end = shard["layers"]
+        click.echo(f"{prefix}-- pipeline rank {shard['rank']} of {shard['size']}: layers {start}-{end - 1} of "
+                   f"{shard['num_layers']}; MoE layers below are {', '.join(shard['moe_layer_paths'])}", err=True)
     memory = engine.get("memory") or {}
     if memory and config.get("cache_bytes"):
-        click.echo(f"-- memory: engine peak {memory['engine_bytes_peak'] / 1e6:.1f} MB (slots + records) of "
+        click.echo(f"{prefix}-- memory: engine peak {memory['engine_bytes_peak'] / 1e6:.1f} MB (slots + records) of "
                    f"cache_gb {config['cache_bytes'] / 1e6:.1f} MB", err=True)
-    click.echo(f"-- host syncs {total.get('host_syncs', 0)} over {total.get('calls', 0)} MoE layer calls "
+    click.echo(f"{prefix}-- host syncs {total.get('host_syncs', 0)} over {total.get('calls', 0)} MoE layer calls "
                f"({total.get('host_syncs_per_call', 0.0):.2f} per call)", err=True)
     if total.get("resident_calls"):
-        click.echo(f"-- {total['resident_calls']} of those calls on layers holding every expert "
+        click.echo(f"{prefix}-- {total['resident_calls']} of those calls on layers holding every expert "
                    f"(the original module, no sync, no lookup)", err=True)
     for row in engine["layers"]:
         click.echo(
-            f"   layer {row['layer']:>3}: hits {row['slot_hits']:>6} ram {row['ram_hits']:>6} "
+            f"{prefix}   layer {row['layer']:>3}: hits {row['slot_hits']:>6} ram {row['ram_hits']:>6} "
             f"miss {row['misses']:>6} evict {row['evictions']:>6} read {row['bytes_read'] / 1e6:>8.1f} MB "
             f"{row['read_seconds'] * 1e3:>8.1f} ms  resident {row['resident_experts']}",
             err=True,
@@ -263,9 +269,16 @@ def _run(tier: str, prompt: str, overrides: dict[str, Any], force: bool, max_tok
     check_generation(prompt, **options)  # before loading: a bad flag costs no load time
     started = time.perf_counter()
     runtime = outlier_runtime.load(tier, force=force, **overrides)
-    if not as_json:
+    rank = _pipeline_rank(runtime)
+    if not as_json and not rank:
         click.echo(f"-- loaded {runtime.manifest.tier.display_name} in {time.perf_counter() - started:.1f} s", err=True)
     try:
+        if rank:
+            # A pipeline rank other than 0 computes the same tokens; rank 0 prints them.
+            result = runtime.generate(prompt, chat=chat, **options)
+            if stats:
+                _print_stats(result, prefix=f"[rank {rank}] ")
+            return
         if as_json:
             result = runtime.generate(prompt, chat=chat, **options)
             _emit_json(result.to_dict())
@@ -280,11 +293,17 @@ def _run(tier: str, prompt: str, overrides: dict[str, Any], force: bool, max_tok
         click.echo()
         result = runtime.last_result
         if stats:
-            _print_stats(result)
+            _print_stats(result, prefix="[rank 0] " if rank is not None else "")
         else:
             click.echo(f"-- {result.generation_tokens} tokens, {result.generation_tps:.2f} tok/s", err=True)
     finally:
         runtime.close()
+
+
+def _pipeline_rank(runtime: Any) -> int | None:
+    """This process's rank when the tier runs as a pipeline across processes, else None."""
+    distributed = (runtime.engine_stats().get("config") or {}).get("distributed") or {}
+    return distributed.get("rank")
 
 
 def _read_prompt(prompt: str) -> str:
@@ -306,12 +325,23 @@ def _read_prompt(prompt: str) -> str:
 @click.option("--echo/--no-echo", default=None, help="Print the prompt before the reply (default: in --raw mode only).")
 @click.option("--stats", is_flag=True, help="Print paging statistics per layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON result instead of streaming.")
-def run(tier: str, prompt: str, model: str | None, k_override: int | None, cache_gb: float | None,
+@click.option("--hostfile", type=click.Path(dir_okay=False),
+              help="Run as a pipeline across the hosts of this mlx.launch hostfile (docs/distributed.md).")
+@click.option("--backend", type=click.Choice(["ring", "mpi", "jaccl"]),
+              help="With --hostfile: the mlx.distributed backend (default: the hostfile's, else ring).")
+@click.option("--starting-port", type=click.IntRange(1024, 65534),
+              help="With --hostfile and the ring backend: the first TCP port (mlx.launch's default 32323).")
+@click.pass_context
+def run(ctx: click.Context, tier: str, prompt: str, model: str | None, k_override: int | None, cache_gb: float | None,
         reader: str | None, cache_policy: str | None, mmap_experts: bool | None,
         experts_per_token: int | None, prefetcher: str | None, settings: tuple[str, ...], force: bool, max_tokens: int | None, temperature: float | None,
         top_p: float | None, seed: int | None, chat: bool | None, echo: bool | None, stats: bool,
-        as_json: bool) -> None:
+        as_json: bool, hostfile: str | None, backend: str | None, starting_port: int | None) -> None:
     """Generate from TIER, streaming tokens and printing tok/s. PROMPT `-` reads standard input."""
+    if hostfile is not None:
+        from outlier_runtime import launcher
+
+        sys.exit(launcher.launch(hostfile, backend, starting_port, launcher.rank_argv(ctx, _read_prompt(prompt))))
     overrides = _overrides(settings, model=model, k_override=k_override, cache_gb=cache_gb, reader=reader,
                            cache_policy=cache_policy, mmap_experts=mmap_experts,
                            experts_per_token=experts_per_token, prefetcher=prefetcher)

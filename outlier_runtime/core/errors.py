@@ -58,3 +58,7 @@ class DiskSpaceError(OutlierError):
 
 class ExactnessError(OutlierError):
     """The paged engine cannot run a call the way the resident model would (so it refuses)."""
+
+
+class DistributedError(OutlierError):
+    """A distributed (multi-rank) run lost a peer or cannot start: names this rank and the peer."""

@@ -78,6 +78,9 @@ class LoadedModel:
     reset_stats: Callable[[], None] = lambda: None
     #: Frees what the loader holds beyond the model (open files, workers, caches).
     close: Callable[[], None] = lambda: None
+    #: Turns an error raised while generating into one that says what happened and what to do
+    #: (a distributed loader: a lost peer), or returns None to let it through unchanged.
+    explain_error: Callable[[BaseException], BaseException | None] = lambda exc: None
 
 
 @runtime_checkable

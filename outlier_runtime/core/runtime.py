@@ -6,7 +6,7 @@ import gc
 import logging
 import threading
 import time
-from typing import Any, Generator, Sequence, Union
+from typing import Any, Generator, Iterator, Sequence, Union
 
 import mlx.core as mx
 
@@ -180,8 +180,8 @@ class Runtime:
             extra: dict[str, Any] = {} if prompt_cache is None else {"prompt_cache": prompt_cache}
             if processors:
                 extra["logits_processors"] = processors
-            for response in stream_generate(loaded.model, loaded.tokenizer, mx.array(new_tokens),
-                                            max_tokens=budget, sampler=sampler, **extra):
+            for response in _explained(loaded, stream_generate(loaded.model, loaded.tokenizer, mx.array(new_tokens),
+                                                               max_tokens=budget, sampler=sampler, **extra)):
                 last = response
                 out_tokens.append(response.token)
                 piece, held, hit = _split_at_stop(held + response.text, stop)
@@ -239,6 +239,18 @@ class Runtime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _explained(loaded: LoadedModel, responses: Iterator[Any]) -> Iterator[Any]:
+    """``responses``, with an error raised while generating passed through the loader's
+    ``explain_error`` (a distributed loader names the rank and the peer it lost)."""
+    try:
+        yield from responses
+    except Exception as exc:
+        explained = loaded.explain_error(exc)
+        if explained is None or explained is exc:
+            raise
+        raise explained from exc
 
 
 def _split_at_stop(pending: str, stops: Sequence[str]) -> tuple[str, str, bool]:

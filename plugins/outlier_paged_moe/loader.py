@@ -26,6 +26,7 @@ from outlier_runtime.engine.geometry import checkpoint_geometry
 from outlier_runtime.core.protocols import LoadedModel, LoadRequest
 
 from .memory import ExpertLayout, PagedBudget, plan_paged
+from .distributed import model_fingerprint, split_pipeline
 from .lookahead import NextLayerLookahead
 from .store import ExpertStore, LayerSlots
 from .switch import PagedSwitch
@@ -71,6 +72,12 @@ class PagedMoELoader:
         entries = read_checkpoint(path)
         # lazy=True: nothing is read until evaluated, so the stacked experts are never read whole.
         model, tokenizer = load_lazily(path, entries)  # a checkpoint unlike its config.json is named
+        # Split first: other ranks' layers leave the model, so their experts get no index entry,
+        # no slots and no reads here.
+        shard = split_pipeline(model, paging, path) if paging.distributed == "pipeline" else None
+        if shard is not None:
+            shard.check_same_model(model_fingerprint(path, entries), path)
+            shard.share_random_seed()
         sites = find_switch_modules(model)
         if not sites:
             raise CheckpointError(
@@ -125,6 +132,8 @@ class PagedMoELoader:
             "prefetcher": paging.prefetcher,
             "verify_checksums": paging.verify_checksums,
         }
+        if shard is not None:
+            info["distributed"] = {**shard.info(), "moe_layer_paths": [layer.path for layer in index.layers]}
         store = ExpertStore(
             index, num_slots, ram_budget, reader,
             lambda: registry.create("cache_policy", paging.cache_policy, paging.cache_policy_options), info,
@@ -148,5 +157,20 @@ class PagedMoELoader:
             "paged %d MoE layers: %d slots/layer, RAM cache %.2f GB, reader %s, policy %s",
             len(sites), num_slots, ram_budget / GB, reader_name, paging.cache_policy,
         )
-        return LoadedModel(model=model, tokenizer=tokenizer, stats=store.snapshot,
-                           reset_stats=store.reset_stats, close=store.close)
+        if shard is None:
+            return LoadedModel(model=model, tokenizer=tokenizer, stats=store.snapshot,
+                               reset_stats=store.reset_stats, close=store.close)
+        try:
+            shard.synchronize()  # every rank loaded: none starts generating while another still loads
+        except RuntimeError as exc:
+            store.close()
+            raise (shard.explain_error(exc) or exc) from exc
+        log.info("pipeline rank %d of %d: layers %d-%d of %d", shard.rank, shard.size, shard.start,
+                 shard.end - 1, shard.num_layers)
+
+        def close() -> None:
+            shard.finish()
+            store.close()
+
+        return LoadedModel(model=model, tokenizer=tokenizer, stats=store.snapshot, reset_stats=store.reset_stats,
+                           close=close, explain_error=shard.explain_error)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Field, PlainValidator, WithJsonSchema, model_validator
 
@@ -55,6 +55,15 @@ class PagedMoEOptions(PluginOptions):
                                              description="Override the router's top-k. Changes results.")
     use_pack: bool = Field(default=True, description="Use a packed expert layout when a valid one exists.")
     verify_checksums: bool = Field(default=True, description="Verify each pack record read from disk against its CRC32.")
+    distributed: Optional[Literal["pipeline"]] = Field(
+        default=None,
+        description="\"pipeline\": inside an mlx.launch'ed job, split the layers across the ranks; each rank "
+                    "loads, pages and reads only its own layers' experts (docs/distributed.md). None: one process.")
+    distributed_backend: Literal["any", "ring", "mpi", "jaccl", "nccl"] = Field(
+        default="any", description="The mlx.distributed backend (\"any\": the one mlx.launch set up).")
+    pipeline_split: Optional[list[Annotated[int, Field(ge=1)]]] = Field(
+        default=None,
+        description="Layers per rank, rank 0 first (rank 0 runs the last layers); default an even split.")
 
     @model_validator(mode="before")
     @classmethod

@@ -1,0 +1,84 @@
+"""`outlier run TIER PROMPT --hostfile hosts.json`: the same command on every rank, through mlx.launch.
+
+mlx's own launcher starts the ranks (over ssh, or locally for 127.0.0.1) with the environment
+``mx.distributed.init()`` reads. Each rank runs ``outlier run`` again, without ``--hostfile``
+and with ``paging.distributed = "pipeline"``; rank 0 prints the reply, the others only their
+statistics. mlx.launch exits 0 even when a rank failed, so its warnings are read here and a
+failed rank makes this command exit 2.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+
+from outlier_runtime.core.errors import DistributedError
+
+#: Options of `outlier run` that belong to the launch, not to the ranks' command.
+LAUNCH_OPTIONS = ("hostfile", "backend", "starting_port")
+_RANK_FAILED = re.compile(r"Node with rank (\d+) (?:exited with code (-?\d+)|was killed)")
+
+
+def launcher_path() -> Path:
+    """mlx's ``mlx.launch`` script, installed next to this Python."""
+    path = Path(sys.executable).with_name("mlx.launch")
+    if not path.exists():
+        raise DistributedError(f"{path} not found: mlx.launch comes with mlx; reinstall mlx in this environment")
+    return path
+
+
+def rank_argv(ctx: click.Context, prompt: str) -> list[str]:
+    """The `outlier run` arguments each rank runs: the same options, the prompt as text (read once
+    here, not from each rank's standard input), no launch options, distributed = "pipeline"."""
+    argv = [ctx.info_name or "run"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Argument):
+            argv.append(prompt if param.name == "prompt" else str(value))
+            continue
+        if param.name in LAUNCH_OPTIONS or value is None or not isinstance(param, click.Option):
+            continue
+        if param.is_flag and param.secondary_opts:  # --chat/--raw
+            argv.append(param.opts[0] if value else param.secondary_opts[0])
+        elif param.is_flag:
+            if value:
+                argv.append(param.opts[0])
+        elif param.multiple:
+            for item in value:
+                argv += [param.opts[0], str(item)]
+        else:
+            argv += [param.opts[0], str(value)]
+    return [*argv, "--set", 'paging.distributed="pipeline"']
+
+
+def launch(hostfile: str, backend: str | None, starting_port: int | None, argv: Sequence[str]) -> int:
+    """Run ``outlier <argv>`` on every rank of ``hostfile`` with mlx.launch; 0 when every rank
+    finished, 2 when one failed (its line from mlx.launch names the rank)."""
+    if not Path(hostfile).is_file():
+        raise DistributedError(f"--hostfile {hostfile}: no such file; write one with mlx.distributed_config "
+                               f"(docs/distributed.md)")
+    command: list[Any] = [launcher_path(), "--hostfile", hostfile, "--python", sys.executable]
+    if backend:
+        command += ["--backend", backend]
+    if starting_port:
+        command += ["--starting-port", str(starting_port)]
+    command += ["--", "-m", "outlier_runtime.cli", *argv]
+    failed = []
+    # stdout (rank 0's reply) passes straight through; stderr is read for mlx.launch's verdicts.
+    with subprocess.Popen([str(c) for c in command], stderr=subprocess.PIPE, text=True, errors="replace") as process:
+        assert process.stderr is not None
+        for line in process.stderr:
+            sys.stderr.write(line)
+            match = _RANK_FAILED.search(line)
+            if match:
+                failed.append(int(match.group(1)))
+    if process.returncode or failed:
+        click.echo(f"error: rank {', '.join(map(str, sorted(set(failed)))) or '?'} failed: see its lines above",
+                   err=True)
+        return 2
+    return 0

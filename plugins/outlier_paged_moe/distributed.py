@@ -1,0 +1,168 @@
+"""Pipeline-parallel paging across the ranks of an ``mlx.launch``'ed job (``distributed = "pipeline"``).
+
+mlx-lm's models with ``pipeline(group)`` split their layers across ranks: rank ``r`` runs a
+contiguous run of layers (rank 0 the last ones, so it holds the output), receives the hidden
+state from rank ``r + 1`` and sends its own to rank ``r - 1``; an ``all_gather`` at the end
+gives every rank the same output, so every rank runs ``stream_generate`` and samples the same
+tokens. Split before the expert index is built, the switch modules of other ranks' layers are
+no longer in the model: each rank builds slots, a RAM cache and a reader for its own layers only,
+and never reads another rank's experts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from outlier_runtime.core.errors import CheckpointError, DistributedError, ParameterError
+from outlier_runtime.engine.checkpoint import TensorEntry
+
+from .options import PagedMoEOptions
+
+log = logging.getLogger(__name__)
+
+#: Phrases of mlx's distributed backends when a peer is gone (the ring backend: "[ring] ...").
+_PEER_LOST = re.compile(r"\[(ring|mpi|jaccl|nccl)\]|connection to a peer|closed by the peer", re.IGNORECASE)
+
+
+@dataclass
+class PipelineShard:
+    """This rank's part of a pipeline: layers ``[start, end)`` of the text model."""
+
+    group: Any  # mx.distributed.Group
+    rank: int
+    size: int
+    start: int
+    end: int
+    num_layers: int
+    hosts: list[str]
+    #: Set once a peer is known to be gone: no more collective calls (they would wait forever).
+    peer_lost: bool = False
+
+    def info(self) -> dict[str, Any]:
+        return {"strategy": "pipeline", "rank": self.rank, "size": self.size,
+                "layers": [self.start, self.end], "num_layers": self.num_layers}
+
+    def host_of(self, rank: int) -> str:
+        return self.hosts[rank] if rank < len(self.hosts) else "?"
+
+    def peers(self) -> list[int]:
+        """The ranks this one exchanges hidden states with: the previous and next stage."""
+        return sorted({r for r in (self.rank + 1, self.rank - 1) if 0 <= r < self.size})
+
+    def synchronize(self) -> None:
+        """Wait until every rank got here (as mlx-lm's sharded_load does after loading)."""
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu, group=self.group))
+
+    def check_same_model(self, fingerprint: bytes, path: Any) -> None:
+        """Refuse to start unless every rank has the same model files (compared through all_gather)."""
+        mine = mx.array(list(fingerprint), dtype=mx.uint8)
+        try:
+            every = mx.distributed.all_gather(mine, group=self.group, stream=mx.cpu)
+            mx.eval(every)
+        except RuntimeError as exc:
+            raise (self.explain_error(exc) or exc) from None
+        rows = every.reshape(self.size, -1).tolist()
+        differ = [rank for rank, row in enumerate(rows) if row != rows[0]]
+        if differ:
+            raise DistributedError(
+                f"rank {self.rank} of {self.size} ({self.host_of(self.rank)}): rank(s) "
+                f"{', '.join(map(str, differ))} have other model files than rank 0 (config.json or safetensors "
+                f"headers differ; this rank's are {path}): give every machine the same checkpoint")
+
+    def share_random_seed(self) -> None:
+        """Seed mlx's generator with rank 0's random seed on every rank: each rank samples from the
+        same logits, so with one seed they draw the same tokens even when the caller gives none."""
+        mine = mx.array([int.from_bytes(os.urandom(4), "little") >> 1], dtype=mx.int32)
+        try:
+            every = mx.distributed.all_gather(mine, group=self.group, stream=mx.cpu)
+            mx.eval(every)
+        except RuntimeError as exc:
+            raise (self.explain_error(exc) or exc) from None
+        mx.random.seed(int(every[0].item()))
+
+    def finish(self) -> None:
+        """Let the step mlx-lm computes ahead finish on every rank, then wait for all ranks: a rank
+        that exits with its peer's bytes unread resets the connection, and the peer loses the end
+        of its last step. Called when the runtime closes; a peer already gone is only logged."""
+        from mlx_lm.generate import generation_stream
+
+        if self.peer_lost:
+            return
+        try:
+            mx.synchronize(generation_stream)
+            mx.synchronize()
+            self.synchronize()
+        except RuntimeError as exc:
+            log.warning("%s", self.explain_error(exc) or exc)
+
+    def explain_error(self, exc: BaseException) -> DistributedError | None:
+        """A lost peer as one line naming this rank and the peer(s); other errors unchanged."""
+        if not isinstance(exc, RuntimeError) or not _PEER_LOST.search(str(exc)):
+            return None
+        self.peer_lost = True
+        peers = " or ".join(f"rank {r} ({self.host_of(r)})" for r in self.peers())
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return DistributedError(
+            f"rank {self.rank} of {self.size} ({self.host_of(self.rank)}): lost pipeline peer {peers}: {first}; "
+            f"that rank exited or cannot be reached: see its output, then start every rank again")
+
+
+def model_fingerprint(path: Any, entries: dict[str, TensorEntry]) -> bytes:
+    """SHA-256 of config.json and every tensor's name, dtype, shape, size and shard name: equal on
+    two machines holding the same checkpoint, wherever it lies (no paths, mtimes or inodes)."""
+    digest = hashlib.sha256(Path(path, "config.json").read_bytes())
+    for name in sorted(entries):
+        entry = entries[name]
+        digest.update(repr((name, entry.dtype, tuple(entry.shape), entry.nbytes, Path(entry.path).name)).encode())
+    return digest.digest()
+
+
+def _hosts() -> list[str]:
+    """The ranks' addresses from the hostfile mlx.launch wrote for the ring backend, if any."""
+    path = os.environ.get("MLX_HOSTFILE")
+    try:
+        with open(path or "", encoding="utf-8") as handle:
+            ranks = json.load(handle)
+        return [", ".join(addresses) if isinstance(addresses, list) else str(addresses) for addresses in ranks]
+    except (OSError, ValueError, TypeError):
+        return []
+
+
+def pipeline_model(model: Any) -> Any:
+    """The inner text model that has mlx-lm's ``pipeline(group)`` (``model.model``), or None."""
+    inner = getattr(model, "model", None)
+    return inner if inner is not None and callable(getattr(inner, "pipeline", None)) else None
+
+
+def split_pipeline(model: Any, options: PagedMoEOptions, path: Any) -> PipelineShard:
+    """Join the distributed group and keep only this rank's layers in ``model`` (nothing is read)."""
+    inner = pipeline_model(model)
+    if inner is None:
+        raise CheckpointError(
+            f"{path}: mlx-lm's {type(model).__module__} model has no pipeline(group) split; "
+            f"unset paging.distributed for it", str(path))
+    try:
+        group = mx.distributed.init(backend=options.distributed_backend)
+    except RuntimeError as exc:
+        raise DistributedError(f"paging.distributed = \"pipeline\": mlx.distributed cannot start the "
+                               f"{options.distributed_backend!r} backend ({exc}); launch the ranks with mlx.launch "
+                               f"(docs/distributed.md)") from None
+    num_layers = len(inner.layers)
+    split = options.pipeline_split
+    if split is not None and (len(split) != group.size() or sum(split) != num_layers):
+        raise ParameterError(f"paging.pipeline_split = {split}: needs {group.size()} entries (one per rank) "
+                             f"summing to the model's {num_layers} layers", "pipeline_split")
+    if group.size() > num_layers:
+        raise ParameterError(f"{group.size()} ranks for a model of {num_layers} layers: launch at most "
+                             f"{num_layers} ranks", "distributed")
+    inner.pipeline(group, split=split)
+    return PipelineShard(group, group.rank(), group.size(), inner.start_idx, inner.end_idx, num_layers, _hosts())
