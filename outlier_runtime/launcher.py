@@ -9,6 +9,8 @@ failed rank makes this command exit 2.
 
 from __future__ import annotations
 
+import json
+
 import re
 import subprocess
 import sys
@@ -56,12 +58,27 @@ def rank_argv(ctx: click.Context, prompt: str) -> list[str]:
     return [*argv, "--set", 'paging.distributed="pipeline"']
 
 
+def check_hostfile(hostfile: str) -> None:
+    """Refuse a hostfile mlx.launch would refuse, in one line (it answers with its usage text)."""
+    fix = 'expected a JSON list of hosts like [{"ssh": "mac1", "ips": ["10.0.0.1"]}] (or {"hosts": [...]}); ' \
+          "write one with mlx.distributed_config (docs/distributed.md)"
+    path = Path(hostfile)
+    if not path.is_file():
+        raise DistributedError(f"--hostfile {hostfile}: no such file; {fix}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DistributedError(f"--hostfile {hostfile}: not readable JSON ({exc}); {fix}") from None
+    hosts = data.get("hosts") if isinstance(data, dict) else data
+    if not isinstance(hosts, list) or not hosts or \
+            not all(isinstance(h, dict) and isinstance(h.get("ssh"), str) for h in hosts):
+        raise DistributedError(f"--hostfile {hostfile}: {fix}")
+
+
 def launch(hostfile: str, backend: str | None, starting_port: int | None, argv: Sequence[str]) -> int:
     """Run ``outlier <argv>`` on every rank of ``hostfile`` with mlx.launch; 0 when every rank
     finished, 2 when one failed (its line from mlx.launch names the rank)."""
-    if not Path(hostfile).is_file():
-        raise DistributedError(f"--hostfile {hostfile}: no such file; write one with mlx.distributed_config "
-                               f"(docs/distributed.md)")
+    check_hostfile(hostfile)
     command: list[Any] = [launcher_path(), "--hostfile", hostfile, "--python", sys.executable]
     if backend:
         command += ["--backend", backend]

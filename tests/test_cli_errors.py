@@ -20,7 +20,8 @@ BAD_INPUTS: dict[str, list[list[str]]] = {
             ["nano", "hi", "--top-p", "5"], ["nano", "hi", "--seed", "-1"], ["nosuch", "hi"],
             ["nano", "hi", "--model", NOWHERE, "--force"], ["nano", "hi", "--model", "EMPTY", "--force"],
             ["nano", "hi", "--model", "org/not-downloaded", "--force"], ["nano", "hi", "--set", "novalue"],
-            ["plus", "hi", "--k-override", "0"], ["nano", "hi", "--max-tokens", "many"], ["nano"]],
+            ["plus", "hi", "--k-override", "0"], ["nano", "hi", "--max-tokens", "many"], ["nano"],
+            ["plus", "hi", "--hostfile", NOWHERE], ["plus", "hi", "--hostfile", "NOTJSON"]],
     "demo": [["--max-tokens", "-5"], ["--k-override", "0"], ["--cache-policy", "telepathy"]],
     "serve": [["--tier-override", f"nano={NOWHERE}"], ["--tier-override", "garbage"], ["--model", "x"],
               ["--tier-override", "nano.cache_size=3"], ["--port", "http"], ["--port", "70000"],
@@ -48,7 +49,9 @@ def test_every_subcommand_has_bad_inputs_here():
                          ids=lambda v: v if isinstance(v, str) else " ".join(v) or "(none)")
 def test_bad_input_is_one_error_line_and_exit_2(tmp_path: Path, command: str, args: list[str]):
     (tmp_path / "empty").mkdir()
-    args = [{"EMPTY": str(tmp_path / "empty"), "OUT": str(tmp_path / "out")}.get(a, a) for a in args]
+    (tmp_path / "hosts.json").write_text('{"hosts": "not a list"}')
+    args = [{"EMPTY": str(tmp_path / "empty"), "OUT": str(tmp_path / "out"),
+             "NOTJSON": str(tmp_path / "hosts.json")}.get(a, a) for a in args]
     result = CliRunner().invoke(main, [command, *args], catch_exceptions=False)
     assert "Traceback" not in result.output
     assert result.exit_code == 2, result.output
