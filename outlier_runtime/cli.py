@@ -259,13 +259,14 @@ def _print_stats(result: Any, prefix: str = "") -> None:
 
 def _run(tier: str, prompt: str, overrides: dict[str, Any], force: bool, max_tokens: int | None,
          temperature: float | None, top_p: float | None, seed: int | None, chat: bool | None,
-         stats: bool, as_json: bool, echo: bool | None = None) -> None:
+         stats: bool, as_json: bool, echo: bool | None = None, sampling: dict[str, Any] | None = None) -> None:
     import time
 
     import outlier_runtime
     from outlier_runtime.core.params import check_generation
 
-    options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                   **{k: v for k, v in (sampling or {}).items() if v is not None})
     check_generation(prompt, **options)  # before loading: a bad flag costs no load time
     started = time.perf_counter()
     runtime = outlier_runtime.load(tier, force=force, **overrides)
@@ -321,6 +322,9 @@ def _read_prompt(prompt: str) -> str:
 @click.option("--temp", "temperature", type=float, help="Sampling temperature (0 = greedy).")
 @click.option("--top-p", type=float, help="Nucleus sampling threshold.")
 @click.option("--seed", type=int, help="Random seed for sampling.")
+@click.option("--top-k", type=int, help="Sample among the k most likely tokens only.")
+@click.option("--min-p", type=float, help="Drop tokens below this fraction of the most likely one's probability.")
+@click.option("--repetition-penalty", type=float, help="Penalise tokens already in the context (1 = none).")
 @click.option("--chat/--raw", default=None, help="Wrap the prompt in the chat template, or not.")
 @click.option("--echo/--no-echo", default=None, help="Print the prompt before the reply (default: in --raw mode only).")
 @click.option("--stats", is_flag=True, help="Print paging statistics per layer.")
@@ -335,7 +339,8 @@ def _read_prompt(prompt: str) -> str:
 def run(ctx: click.Context, tier: str, prompt: str, model: str | None, k_override: int | None, cache_gb: float | None,
         reader: str | None, cache_policy: str | None, mmap_experts: bool | None,
         experts_per_token: int | None, prefetcher: str | None, settings: tuple[str, ...], force: bool, max_tokens: int | None, temperature: float | None,
-        top_p: float | None, seed: int | None, chat: bool | None, echo: bool | None, stats: bool,
+        top_p: float | None, seed: int | None, top_k: int | None, min_p: float | None,
+        repetition_penalty: float | None, chat: bool | None, echo: bool | None, stats: bool,
         as_json: bool, hostfile: str | None, backend: str | None, starting_port: int | None) -> None:
     """Generate from TIER, streaming tokens and printing tok/s. PROMPT `-` reads standard input."""
     if hostfile is not None:
@@ -346,7 +351,7 @@ def run(ctx: click.Context, tier: str, prompt: str, model: str | None, k_overrid
                            cache_policy=cache_policy, mmap_experts=mmap_experts,
                            experts_per_token=experts_per_token, prefetcher=prefetcher)
     _run(tier, _read_prompt(prompt), overrides, force, max_tokens, temperature, top_p, seed, chat, stats,
-         as_json, echo)
+         as_json, echo, sampling=dict(top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty))
 
 
 @main.command()

@@ -254,3 +254,14 @@ def test_shell_completion_is_what_the_readme_says():
     result = CliRunner().invoke(command, [], prog_name="outlier", env={"_OUTLIER_COMPLETE": "bash_source"})
     assert result.exit_code == 0
     assert "_outlier_completion()" in result.stdout and "complete " in result.stdout
+
+
+def test_sampling_flags_reach_the_sampler(tiny):
+    model = str(tiny("llama"))
+    base = ["run", "nano", "def f(", "--model", model, "--force", "--raw", "--max-tokens", "6"]
+    greedy = outlier(*base, "--temp", "0").stdout
+    # At temperature 1 with a seed, top-k 1 is greedy again; a strong repetition penalty changes the text.
+    assert outlier(*base, "--temp", "1", "--seed", "5", "--top-k", "1").stdout == greedy
+    penalised = outlier(*base, "--temp", "0", "--repetition-penalty", "5").stdout
+    assert penalised == outlier(*base, "--temp", "0", "--repetition-penalty", "5").stdout
+    assert penalised != greedy

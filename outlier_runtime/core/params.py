@@ -17,7 +17,8 @@ from outlier_runtime.core.errors import ParameterError
 MAX_SEED = 2**64 - 1
 
 #: Each parameter's CLI flag, so a message can name what the user typed.
-FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temp", "top_p": "--top-p", "seed": "--seed"}
+FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temp", "top_p": "--top-p", "seed": "--seed",
+         "top_k": "--top-k", "min_p": "--min-p", "repetition_penalty": "--repetition-penalty"}
 
 #: Sampling parameters beyond temperature and top_p (the server's request fields of the same names).
 SAMPLING_EXTRAS = ("top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
