@@ -239,6 +239,8 @@ def _print_stats(result: Any, prefix: str = "") -> None:
         start, end = shard["layers"]
         click.echo(f"{prefix}-- pipeline rank {shard['rank']} of {shard['size']}: layers {start}-{end - 1} of "
                    f"{shard['num_layers']}; MoE layers below are {', '.join(shard['moe_layer_paths'])}", err=True)
+    if shard and shard["rank"] == 0 and engine.get("ranks"):
+        _print_ranks(engine["ranks"], prefix)
     memory = engine.get("memory") or {}
     if memory and config.get("cache_bytes"):
         click.echo(f"{prefix}-- memory: engine peak {memory['engine_bytes_peak'] / 1e6:.1f} MB (slots + records) of "
@@ -255,6 +257,18 @@ def _print_stats(result: Any, prefix: str = "") -> None:
             f"{row['read_seconds'] * 1e3:>8.1f} ms  resident {row['resident_experts']}",
             err=True,
         )
+
+
+def _print_ranks(ranks: list[dict[str, Any]], prefix: str) -> None:
+    """Every pipeline rank's totals, gathered to rank 0 after the generation: one row per rank."""
+    click.echo(f"{prefix}-- every rank (gathered to rank 0):", err=True)
+    click.echo(f"{prefix}   rank  layers     lookups  slot hits  RAM hits   misses   read MB  read s  peak RSS GB",
+               err=True)
+    for row in ranks:
+        start, end = row["layers"]
+        click.echo(f"{prefix}   {row['rank']:>4}  {start:>3}-{end - 1:<4} {row['lookups']:>9} {row['slot_hits']:>10} "
+                   f"{row['ram_hits']:>9} {row['misses']:>8} {row['bytes_read'] / 1e6:>9.1f} "
+                   f"{row['read_seconds']:>7.3f} {row['peak_rss_bytes'] / 1e9:>12.2f}", err=True)
 
 
 def _run(tier: str, prompt: str, overrides: dict[str, Any], force: bool, max_tokens: int | None,

@@ -112,6 +112,25 @@ def test_two_ranks_match_stock_and_read_only_their_layers(arch, tiny, tmp_path):
     assert len(seen) == len(set(seen)) == num_layers
 
 
+def test_every_ranks_stats_are_gathered_to_rank_0(tiny, tmp_path):
+    """After a generation rank 0's result holds every rank's own totals; their layers partition the model."""
+    ranks = _launch(tiny("qwen3_moe"), tmp_path)
+    gathered = ranks[0]["engine"]["ranks"]
+    assert [row["rank"] for row in gathered] == [0, 1]
+    for rank, row in enumerate(gathered):
+        own = ranks[rank]["engine"]
+        for name in ("lookups", "slot_hits", "ram_hits", "misses", "bytes_read", "evictions"):
+            assert row[name] == own["total"][name], (rank, name)
+        assert row["read_seconds"] == pytest.approx(own["total"]["read_seconds"], abs=1e-6)
+        assert row["layers"] == own["config"]["distributed"]["layers"]
+        assert row["moe_layers"] == len(own["layers"])
+        assert row["bytes_read"] > 0 and row["peak_rss_bytes"] > 0
+    assert ranks[1]["engine"]["ranks"] == gathered  # an all_gather: every rank holds the same list
+    num_layers = ranks[0]["engine"]["config"]["distributed"]["num_layers"]
+    covered = sorted(layer for row in gathered for layer in range(*row["layers"]))
+    assert covered == list(range(num_layers))
+
+
 def _by_hand(models: list[Path], port: int, out_dir: Path, *extra: str) -> tuple[list[subprocess.Popen], list[str]]:
     """Both ranks started by hand with the environment mlx.launch sets (MLX_HOSTFILE, MLX_RANK),
     rank r on ``models[r]``; waits (bounded) for both. Returns the processes and their stderr."""
@@ -193,6 +212,11 @@ def test_outlier_run_with_a_hostfile_runs_two_ranks(tiny, tmp_path):
     for rank, layer in ((0, "model.layers.1."), (1, "model.layers.0.")):
         line = next(l for l in err.splitlines() if l.startswith(f"[rank {rank}] -- pipeline rank {rank} of 2"))
         assert layer in line
+    # Rank 0 prints one table of every rank's totals, gathered after the generation.
+    lines = err.splitlines()
+    header = lines.index("[rank 0] -- every rank (gathered to rank 0):")
+    rows = [line.split() for line in lines[header + 2:header + 4]]
+    assert [(row[2], row[3]) for row in rows] == [("0", "1-1"), ("1", "0-0")], err[-3000:]
 
 
 def test_outlier_run_with_a_hostfile_exits_2_when_a_rank_fails(tmp_path):

@@ -81,6 +81,10 @@ class LoadedModel:
     #: Turns an error raised while generating into one that says what happened and what to do
     #: (a distributed loader: a lost peer), or returns None to let it through unchanged.
     explain_error: Callable[[BaseException], BaseException | None] = lambda exc: None
+    #: The statistics a generation's result carries, called once at the end of each generation
+    #: (every pipeline rank at the same point, so a distributed loader may gather its ranks'
+    #: there); None: ``stats``.
+    result_stats: Callable[[], dict[str, Any]] | None = None
 
 
 @runtime_checkable

@@ -208,7 +208,7 @@ class Runtime:
                 peak_rss_gb=peak_rss_bytes() / 1e9,
                 finish_reason=finish,
                 tier=self.name,
-                engine=loaded.stats(),
+                engine=(loaded.result_stats or loaded.stats)(),
                 cached_tokens=cached,
             )
             return self.last_result

@@ -23,11 +23,16 @@ from typing import Any
 import mlx.core as mx
 
 from outlier_runtime.core.errors import CheckpointError, DistributedError, ParameterError
+from outlier_runtime.core.system import peak_rss_bytes
 from outlier_runtime.engine.checkpoint import TensorEntry
 
 from .options import PagedMoEOptions
 
 log = logging.getLogger(__name__)
+
+#: Each rank's figures gathered to every rank after a generation, in this order (one int64 each).
+RANK_FIELDS = ("rank", "layer_start", "layer_end", "moe_layers", "lookups", "slot_hits", "ram_hits", "misses",
+               "bytes_read", "read_microseconds", "evictions", "peak_rss_bytes")
 
 #: Phrases of mlx's distributed backends when a peer is gone (the ring backend: "[ring] ...").
 _PEER_LOST = re.compile(r"\[(ring|mpi|jaccl|nccl)\]|connection to a peer|closed by the peer", re.IGNORECASE)
@@ -88,6 +93,35 @@ class PipelineShard:
         except RuntimeError as exc:
             raise (self.explain_error(exc) or exc) from None
         mx.random.seed(int(every[0].item()))
+
+    def gather_stats(self, engine: dict[str, Any]) -> dict[str, Any]:
+        """``engine`` (this rank's statistics) with ``ranks``: every rank's totals, rank 0 first,
+        gathered with one all_gather of a fixed-size vector. Every rank calls it at the end of a
+        generation; the pipeline's last step is finished first, so the gather does not interleave
+        with its sends and receives."""
+        from mlx_lm.generate import generation_stream
+
+        if self.peer_lost:
+            return engine
+        total = engine["total"]
+        mine = {"rank": self.rank, "layer_start": self.start, "layer_end": self.end,
+                "moe_layers": len(engine["layers"]), "read_microseconds": round(total["read_seconds"] * 1e6),
+                "peak_rss_bytes": peak_rss_bytes(),
+                **{name: total[name] for name in ("lookups", "slot_hits", "ram_hits", "misses", "bytes_read",
+                                                  "evictions")}}
+        try:
+            mx.synchronize(generation_stream)
+            every = mx.distributed.all_gather(mx.array([mine[f] for f in RANK_FIELDS], dtype=mx.int64),
+                                              group=self.group, stream=mx.cpu)
+            mx.eval(every)
+        except RuntimeError as exc:
+            raise (self.explain_error(exc) or exc) from None
+        ranks = [dict(zip(RANK_FIELDS, row)) for row in every.reshape(self.size, len(RANK_FIELDS)).tolist()]
+        for row in ranks:
+            row["layers"] = [row.pop("layer_start"), row.pop("layer_end")]
+            row["read_seconds"] = row.pop("read_microseconds") / 1e6
+            row["host"] = self.host_of(row["rank"])
+        return {**engine, "ranks": ranks}
 
     def finish(self) -> None:
         """Let the step mlx-lm computes ahead finish on every rank, then wait for all ranks: a rank

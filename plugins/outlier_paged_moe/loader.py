@@ -173,4 +173,5 @@ class PagedMoELoader:
             store.close()
 
         return LoadedModel(model=model, tokenizer=tokenizer, stats=store.snapshot, reset_stats=store.reset_stats,
-                           close=close, explain_error=shard.explain_error)
+                           close=close, explain_error=shard.explain_error,
+                           result_stats=lambda: shard.gather_stats(store.snapshot()))
