@@ -261,7 +261,7 @@ def test_sampling_extras_change_results_deterministically(client, server):
     chat = {"model": "outlier-nano", "messages": MESSAGES, "max_tokens": 2}
     for name, value in (("top_k", -1), ("min_p", 1.5), ("repetition_penalty", -1.0), ("presence_penalty", 3.0)):
         error = _error(_post(server, "/chat/completions", {**chat, name: value}), 400)
-        assert error["param"] == name and error["message"].startswith(f"{name}: got {value}"), error
+        assert error["param"] == name and error["message"].startswith(name) and f"got {value}" in error["message"], error
 
 
 def test_models_are_retrievable_with_when_and_whether_downloaded(client, tiny):
