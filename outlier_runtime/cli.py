@@ -134,15 +134,11 @@ def info(tier: str, as_json: bool, as_toml: bool) -> None:
     import tomli_w
 
     from outlier_runtime.core.plugin_manager import get_registry
-    from outlier_runtime.core.catalog import admission, discover, memory_plan, plans_memory, resolve_tier
+    from outlier_runtime.core.catalog import discover, resolve_tier, tier_admission
 
     registry = get_registry()
     manifest = resolve_tier(tier, registry)
-    plan = memory_plan(manifest, registry)  # paged tiers whose model is on disk
-    ok, reason = admission(manifest, plan=plan)
-    if plan is None and plans_memory(manifest, registry):
-        reason += (f"; the tier's headline figure: its memory is planned from the model once on disk "
-                   f"(`outlier pull {tier}`, or a user manifest's [model] path)")
+    ok, reason, plan, _ = tier_admission(manifest, registry)
     data = {
         "manifest": manifest.to_data(),
         "files": [str(f) for f in discover()[tier].files],

@@ -361,6 +361,18 @@ def plans_memory(manifest: TierManifest, registry: Registry) -> bool:
     return hasattr(registry.create("loader", manifest.loader.name), "plan_memory")
 
 
+def tier_admission(manifest: TierManifest, registry: Registry) -> tuple[bool, str, MemoryPlan | None, bool]:
+    """Can this machine run the tier now, and why; its memory plan (a paged tier whose model is on
+    disk); and whether its loader plans memory at all (then loading checks the plan, not this)."""
+    planned = plans_memory(manifest, registry)
+    plan = memory_plan(manifest, registry) if planned else None
+    ok, reason = admission(manifest, plan=plan)
+    if planned and plan is None:
+        reason += (f"; the tier's headline figure: its memory is planned from the model once on disk "
+                   f"(`outlier pull {manifest.name}`, or a user manifest's [model] path)")
+    return ok, reason, plan, planned
+
+
 def admission(manifest: TierManifest, ram_gb: float | None = None,
               plan: MemoryPlan | None = None) -> tuple[bool, str]:
     """Can this machine run the tier? By the loader's memory plan when there is one; else RAM must
@@ -402,14 +414,9 @@ def list_tiers(registry: Registry) -> list[TierStatus]:
             statuses.append(TierStatus(None, name, source.files, False, "invalid manifest", str(exc)))
             continue
         try:
-            plan = memory_plan(manifest, registry)
+            ok, reason, plan, planned = tier_admission(manifest, registry)
         except OutlierError as exc:  # a broken checkpoint on disk: listed, with why
             statuses.append(TierStatus(manifest, name, source.files, False, str(exc)))
             continue
-        ok, reason = admission(manifest, plan=plan)
-        planned = plans_memory(manifest, registry)
-        if plan is None and planned:
-            reason += f"; the tier's headline figure: its memory is planned from the model once on disk " \
-                      f"(`outlier pull {name}`)"
         statuses.append(TierStatus(manifest, name, source.files, ok, reason, plan=plan, planned=planned))
     return statuses

@@ -72,10 +72,17 @@ class PagedSwitch(nn.Module):
             s.num_slots == s.layer.num_experts
             for s in store.layers[layer:layer + (1 if lookahead is None else 2)]))
         object.__setattr__(self, "_filled", False)
-        object.__setattr__(self, "_plans", {})
+        object.__setattr__(self, "_kernels", {})
 
     def _kernel(self, rows: int, experts: int) -> str:
-        return kernel_for(engine_call(rows, experts, self._quantized, self.nax), self.kernel_backend)
+        """The kernel mlx runs for a call of ``rows`` pairs on ``experts`` stacked experts: a pure
+        function of the shape and the rule, asked twice per call, so computed once per shape."""
+        key = (rows, experts, self.kernel_backend, self.nax)  # tests may switch the rule
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            call = engine_call(rows, experts, self._quantized, self.nax)
+            kernel = self._kernels[key] = kernel_for(call, self.kernel_backend)
+        return kernel
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         if self._all_fit:
@@ -122,12 +129,8 @@ class PagedSwitch(nn.Module):
             object.__setattr__(self, "_filled", True)
         stats.calls += 1
         stats.resident_calls += 1
-        key = (indices.size, self.kernel_backend, self.nax)
-        plan = self._plans.get(key)
-        if plan is None:  # a pure function of the call's shape and the rule: computed once each
-            target = self._kernel(indices.size, self._store.layers[self._layer].num_slots)
-            plan = self._plans[key] = KernelPlan(target, [(indices.size, indices.size, target)])
-        self.last_plan = plan
+        target = self._kernel(indices.size, self._store.layers[self._layer].num_slots)
+        self.last_plan = KernelPlan(target, [(indices.size, indices.size, target)])
         return self._inner(x, indices)
 
     def _in_passes(self, x: mx.array, ids: np.ndarray, needed: np.ndarray, target: str) -> mx.array:
