@@ -7,16 +7,15 @@ accesses to this cache: one more use is worth ``weight`` accesses of recency. ``
 is LRU; a large weight approaches LFU. Counts survive eviction, as in ``lfu``.
 """
 
-from collections import Counter
-from itertools import count
 from typing import Collection, Hashable
 
+from outlier_cache_lfu import LFUPolicy
 from pydantic import Field
 
 from outlier_runtime import PluginOptions, hookimpl
 
 
-class LFRUPolicy:
+class LFRUPolicy(LFUPolicy):
     """Evict the lowest ``uses x weight + last use`` (ties: the least recently used)."""
 
     class Options(PluginOptions):
@@ -28,17 +27,8 @@ class LFRUPolicy:
         )
 
     def __init__(self, weight: float = 4.0) -> None:
+        super().__init__()  # the use counts and last uses are LFU's: only the scoring differs
         self.weight = weight
-        self._uses: Counter[Hashable] = Counter()
-        self._last_use: dict[Hashable, int] = {}
-        self._clock = count()
-
-    def accessed(self, key: Hashable) -> None:
-        self._uses[key] += 1
-        self._last_use[key] = next(self._clock)
-
-    def evicted(self, key: Hashable) -> None:
-        pass  # keep the count and the last use: an expert that comes back keeps its history
 
     def score(self, key: Hashable) -> float:
         """What keeping ``key`` is worth; never-seen keys score lowest."""

@@ -7,9 +7,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import Field, PlainValidator, WithJsonSchema, model_validator
 
 from outlier_runtime import PluginOptions, plugin_ref
-from outlier_runtime.core.env_flags import env_flag
+from outlier_runtime.core.env_flags import MMAP_EXPERTS_ENV, env_flag
 
-MMAP_ENV = "OUTLIER_MMAP_EXPERTS"
 
 
 def _cache_gb(value: Any) -> float | str:
@@ -35,7 +34,7 @@ class PagedMoEOptions(PluginOptions):
                     "bytes); \"auto\" sizes it from available memory, leaving headroom.")
     mmap_experts: bool = Field(
         default=False,
-        description=f"Read experts through mmap: shorthand for reader = 'mmap' ({MMAP_ENV}=1/0 overrides).",
+        description=f"Read experts through mmap: shorthand for reader = 'mmap' ({MMAP_EXPERTS_ENV}=1/0 overrides).",
     )
     lazy_load: bool = Field(
         default=True,
@@ -70,7 +69,7 @@ class PagedMoEOptions(PluginOptions):
     def _mmap_selects_the_reader(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        from_env = env_flag(MMAP_ENV)
+        from_env = env_flag(MMAP_EXPERTS_ENV)
         data = dict(data)
         if from_env is not None:
             data["mmap_experts"] = from_env
