@@ -187,6 +187,23 @@ def _paging_options(func: Any) -> Any:
     return func
 
 
+def _generation_options(func: Any) -> Any:
+    """The generation flags `run` and `chat` share; the command receives them as ``**generation``."""
+    options = [
+        click.option("--max-tokens", type=int, help="Tokens to generate at most (default: the manifest's)."),
+        click.option("--temp", "temperature", type=float, help="Sampling temperature (0 = greedy)."),
+        click.option("--top-p", type=float, help="Nucleus sampling threshold."),
+        click.option("--seed", type=int, help="Random seed for sampling."),
+        click.option("--top-k", type=int, help="Sample among the k most likely tokens only."),
+        click.option("--min-p", type=float,
+                     help="Drop tokens below this fraction of the most likely one's probability."),
+        click.option("--repetition-penalty", type=float, help="Penalise tokens already in the context (1 = none)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def _overrides(settings: tuple[str, ...] = (), **kwargs: Any) -> dict[str, Any]:
     overrides = {k: v for k, v in kwargs.items() if v is not None}
     for setting in settings:
@@ -267,16 +284,14 @@ def _print_ranks(ranks: list[dict[str, Any]], prefix: str) -> None:
                    f"{row['read_seconds']:>7.3f} {row['peak_rss_bytes'] / 1e9:>12.2f}", err=True)
 
 
-def _run(tier: str, prompt: str, overrides: dict[str, Any], force: bool, max_tokens: int | None,
-         temperature: float | None, top_p: float | None, seed: int | None, chat: bool | None,
-         stats: bool, as_json: bool, echo: bool | None = None, sampling: dict[str, Any] | None = None) -> None:
+def _run(tier: str, prompt: str, overrides: dict[str, Any], force: bool, generation: dict[str, Any],
+         chat: bool | None, stats: bool, as_json: bool, echo: bool | None = None) -> None:
     import time
 
     import outlier_runtime
     from outlier_runtime.core.params import check_generation
 
-    options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                   **{k: v for k, v in (sampling or {}).items() if v is not None})
+    options = {k: v for k, v in generation.items() if v is not None}
     check_generation(prompt, **options)  # before loading: a bad flag costs no load time
     started = time.perf_counter()
     runtime = outlier_runtime.load(tier, force=force, **overrides)
@@ -328,13 +343,7 @@ def _read_prompt(prompt: str) -> str:
 @click.argument("tier")
 @click.argument("prompt")
 @_paging_options
-@click.option("--max-tokens", type=int, help="Tokens to generate (default: the manifest's).")
-@click.option("--temp", "temperature", type=float, help="Sampling temperature (0 = greedy).")
-@click.option("--top-p", type=float, help="Nucleus sampling threshold.")
-@click.option("--seed", type=int, help="Random seed for sampling.")
-@click.option("--top-k", type=int, help="Sample among the k most likely tokens only.")
-@click.option("--min-p", type=float, help="Drop tokens below this fraction of the most likely one's probability.")
-@click.option("--repetition-penalty", type=float, help="Penalise tokens already in the context (1 = none).")
+@_generation_options
 @click.option("--chat/--raw", default=None, help="Wrap the prompt in the chat template, or not.")
 @click.option("--echo/--no-echo", default=None, help="Print the prompt before the reply (default: in --raw mode only).")
 @click.option("--stats", is_flag=True, help="Print paging statistics per layer.")
@@ -348,10 +357,9 @@ def _read_prompt(prompt: str) -> str:
 @click.pass_context
 def run(ctx: click.Context, tier: str, prompt: str, model: str | None, k_override: int | None, cache_gb: float | None,
         reader: str | None, cache_policy: str | None, mmap_experts: bool | None,
-        experts_per_token: int | None, prefetcher: str | None, settings: tuple[str, ...], force: bool, max_tokens: int | None, temperature: float | None,
-        top_p: float | None, seed: int | None, top_k: int | None, min_p: float | None,
-        repetition_penalty: float | None, chat: bool | None, echo: bool | None, stats: bool,
-        as_json: bool, hostfile: str | None, backend: str | None, starting_port: int | None) -> None:
+        experts_per_token: int | None, prefetcher: str | None, settings: tuple[str, ...], force: bool,
+        chat: bool | None, echo: bool | None, stats: bool, as_json: bool, hostfile: str | None,
+        backend: str | None, starting_port: int | None, **generation: Any) -> None:
     """Generate from TIER, streaming tokens and printing tok/s. PROMPT `-` reads standard input."""
     if hostfile is not None:
         from outlier_runtime import launcher
@@ -360,30 +368,25 @@ def run(ctx: click.Context, tier: str, prompt: str, model: str | None, k_overrid
     overrides = _overrides(settings, model=model, k_override=k_override, cache_gb=cache_gb, reader=reader,
                            cache_policy=cache_policy, mmap_experts=mmap_experts,
                            experts_per_token=experts_per_token, prefetcher=prefetcher)
-    _run(tier, _read_prompt(prompt), overrides, force, max_tokens, temperature, top_p, seed, chat, stats,
-         as_json, echo, sampling=dict(top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty))
+    _run(tier, _read_prompt(prompt), overrides, force, generation, chat, stats, as_json, echo)
 
 
 @main.command()
 @click.argument("tier")
 @_paging_options
-@click.option("--max-tokens", type=int, help="Tokens per reply at most (default: the manifest's).")
-@click.option("--temp", "temperature", type=float, help="Sampling temperature (0 = greedy).")
-@click.option("--top-p", type=float, help="Nucleus sampling threshold.")
-@click.option("--seed", type=int, help="Random seed for sampling.")
+@_generation_options
 @click.option("--system", "system_prompt", help="System prompt (default: the manifest's).")
 def chat(tier: str, model: str | None, k_override: int | None, cache_gb: float | None, reader: str | None,
          cache_policy: str | None, mmap_experts: bool | None, experts_per_token: int | None,
-         prefetcher: str | None, settings: tuple[str, ...], force: bool, max_tokens: int | None,
-         temperature: float | None, top_p: float | None, seed: int | None, system_prompt: str | None) -> None:
+         prefetcher: str | None, settings: tuple[str, ...], force: bool, system_prompt: str | None,
+         **generation: Any) -> None:
     """Talk with TIER: multi-turn, keeping the KV cache between turns (/exit, /clear, /stats)."""
     import outlier_runtime
     from outlier_runtime.core.chat_session import ChatSession
     from outlier_runtime.core.params import check_generation
     from outlier_runtime.repl import enable_history, run_repl
 
-    options = {k: v for k, v in dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                     seed=seed).items() if v is not None}
+    options = {k: v for k, v in generation.items() if v is not None}
     check_generation(**options)  # before loading: a bad flag costs no load time
     overrides = _overrides(settings, model=model, k_override=k_override, cache_gb=cache_gb, reader=reader,
                            cache_policy=cache_policy, mmap_experts=mmap_experts,
@@ -408,7 +411,7 @@ def demo(prompt: str, max_tokens: int, k_override: int, cache_gb: float, reader:
     """Run the Plus tier's paged engine on the embedded demo MoE (no download) and show stats."""
     overrides = _overrides(model="embedded:demo-moe", k_override=k_override, cache_gb=cache_gb,
                            reader=reader, cache_policy=cache_policy)
-    _run("plus", prompt, overrides, False, max_tokens, 0.0, None, None, False, True, as_json)
+    _run("plus", prompt, overrides, False, dict(max_tokens=max_tokens, temperature=0.0), False, True, as_json)
 
 
 @main.command()
