@@ -22,6 +22,16 @@ class _Group(click.Group):
     """No traceback from any command: the project's errors are one line and exit 2, anything
     unexpected one line and exit 1 (``-v`` prints the traceback too)."""
 
+    VERBOSE_FLAGS = ("-v", "-vv", "--verbose")
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # `-v` belongs to the group, but people type it after the subcommand too
+        # (`outlier run nano "hi" -v`); move it to the front. `--` ends options, as usual.
+        end = args.index("--") if "--" in args else len(args)
+        hoisted = [arg for arg in args[:end] if arg in self.VERBOSE_FLAGS]
+        rest = [arg for arg in args[:end] if arg not in self.VERBOSE_FLAGS]
+        return super().parse_args(ctx, hoisted + rest + args[end:])
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)

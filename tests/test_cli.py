@@ -87,6 +87,8 @@ def test_new_tier_writes_a_user_manifest_that_validates_and_is_listed(isolated_h
     path = isolated_home / "tiers" / "mine.toml"
     assert f"wrote {path}" in result.stdout
     assert path.is_file()
+    # The schema hint names this user's directory, not a hard-coded default.
+    assert f"outlier schema > {isolated_home / 'tier.schema.json'}" in path.read_text()
 
     manifest = resolve_tier("mine", get_registry())
     assert manifest.tier.display_name == "Mine"

@@ -77,6 +77,17 @@ def test_an_unexpected_failure_is_one_line_and_exit_1_and_v_shows_the_traceback(
     verbose = CliRunner().invoke(main, ["-v", "tiers"], catch_exceptions=False)
     assert verbose.exit_code == 1
     assert "Traceback (most recent call last)" in verbose.stderr and "disk on fire" in verbose.stderr
+    # -v typed after the subcommand means the same; after `--` it is an argument, not a flag.
+    after = CliRunner().invoke(main, ["tiers", "-v"], catch_exceptions=False)
+    assert after.exit_code == 1 and "Traceback (most recent call last)" in after.stderr
+
+
+def test_v_after_double_dash_stays_an_argument():
+    result = CliRunner().invoke(main, ["run", "nano", "--model", "/nonexistent/x", "--", "-v"],
+                                catch_exceptions=False)
+    # The prompt "-v" reaches `run`, which then fails on the missing model (one line, exit 2).
+    assert result.exit_code == 2 and "/nonexistent/x does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_an_unexpected_failure_without_a_message_names_its_type(monkeypatch):

@@ -11,10 +11,12 @@ from outlier_runtime.core.errors import ManifestError, TierNotFoundError
 from outlier_runtime.core.catalog import deep_merge, discover, outlier_home
 from outlier_runtime.core.manifest import TierSection
 
-HEADER = """\
-# A user tier manifest written by `outlier new-tier`. Edit any knob; unknown keys are errors.
-# The JSON Schema for editors: `outlier schema > ~/.config/outlier/tier.schema.json`.
-"""
+def header() -> str:
+    """The comment on top of a new manifest; it names this user's directory (``$OUTLIER_HOME``)."""
+    return (
+        "# A user tier manifest written by `outlier new-tier`. Edit any knob; unknown keys are errors.\n"
+        f"# The JSON Schema for editors: `outlier schema > {outlier_home() / 'tier.schema.json'}`.\n"
+    )
 
 
 def write_new_tier(name: str, base: str, directory: Path | None = None) -> Path:
@@ -29,7 +31,7 @@ def write_new_tier(name: str, base: str, directory: Path | None = None) -> Path:
     path = directory / f"{name}.toml"
     if path.exists():
         raise ManifestError(f"{path} already exists; edit it, or choose another name.")
-    path.write_text(HEADER + tomli_w.dumps(data))
+    path.write_text(header() + tomli_w.dumps(data))
     return path
 
 
