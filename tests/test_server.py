@@ -144,8 +144,10 @@ def test_unsupported_options_are_refused_with_an_openai_error(server):
     chat = {"model": "outlier-nano", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     assert _error(_post(server, "/chat/completions", {**chat, "n": 2}), 400)["param"] == "n"
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    assert _error(_post(server, "/chat/completions", {**chat, "tools": tools}), 400)["param"] == "tools"
-    assert _error(_post(server, "/chat/completions", {**chat, "logprobs": True}), 400)["param"] == "logprobs"
+    # nano's template has no tool-call format: tools are refused, naming why (tests/test_server_tools.py).
+    refused = _error(_post(server, "/chat/completions", {**chat, "tools": tools}), 400)
+    assert refused["param"] == "tools" and refused["code"] == "tools_not_supported"
+    assert _error(_post(server, "/chat/completions", {**chat, "tool_choice": "required"}), 400)["param"] == "tool_choice"
     assert _error(_post(server, "/chat/completions", {**chat, "frobnicate": 1}), 400)["param"] == "frobnicate"
     image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}
     assert _error(_post(server, "/chat/completions", {**chat, "messages": [image]}), 400)["param"] == "messages.0.content"

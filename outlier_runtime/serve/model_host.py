@@ -30,6 +30,7 @@ from outlier_runtime.core.prompt_cache import PrefixCache
 from outlier_runtime.serve.openai_api import MODEL_PREFIX, ApiError
 from outlier_runtime.core.runtime import Prompt, Runtime
 from outlier_runtime.serve.models_api import check_downloaded
+from outlier_runtime.serve.tool_calls import check_tools
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,10 @@ class GenerationJob:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    #: Tool definitions for the chat template (None: none); the worker checks the model can take them
+    #: and sets ``tool_format`` (serve/tool_calls.py) before the job starts.
+    tools: list[dict[str, Any]] | None = None
+    tool_format: Any = None
 
     def emit(self, kind: str, value: Any) -> None:
         try:
@@ -204,14 +209,16 @@ class ModelHost:
             # an oversized prompt is refused by its size before it is tokenized.
             check_generation(job.prompt, **{k: v for k, v in job.options.items() if k != "stop"})
             check_prompt_size(runtime, job.prompt, job.prompt_param)
-            tokens = runtime.encode(job.prompt, chat=job.chat)
+            if job.tools is not None:
+                job.tool_format = check_tools(job.tier, runtime.tokenizer)
+            tokens = runtime.encode(job.prompt, chat=job.chat, tools=job.tools)
             prompt_tokens = len(tokens)
             budget = token_budget(runtime, prompt_tokens, job.max_tokens, job.prompt_param)
             job.emit("started", prompt_tokens)
             with contextlib.closing(self.prompt_cache.stream(runtime, tokens, max_tokens=budget,
                                                              **job.options)) as chunks:
                 for chunk in chunks:
-                    job.emit("chunk", chunk.text)
+                    job.emit("chunk", chunk)
                     if job.cancelled.is_set():
                         log.info("client disconnected: stopped generating on tier %s", job.tier)
                         self._count("cancelled")
@@ -249,7 +256,7 @@ class ModelHost:
 
 def counters_of(result: Any) -> dict[str, Any]:
     """A result's statistics without its text or tokens: what the stats route may show anyone."""
-    return {k: v for k, v in result.to_dict().items() if k not in ("text", "tokens")}
+    return {k: v for k, v in result.to_dict().items() if k not in ("text", "tokens", "logprobs")}
 
 
 def check_prompt_size(runtime: Runtime, prompt: Any, prompt_param: str) -> None:

@@ -35,6 +35,7 @@ from outlier_runtime.core.memory import GB
 from outlier_runtime.serve.content_type import JsonBodies
 from outlier_runtime.serve.model_host import GenerationJob, ModelHost
 from outlier_runtime.serve.models_api import model_entries
+from outlier_runtime.serve.tool_calls import ToolCallSplitter
 from outlier_runtime.serve.openai_api import (
     MODEL_PREFIX,
     ApiError,
@@ -200,6 +201,8 @@ async def _respond(request: Request, host: ModelHost, job: GenerationJob, reply:
         raise value
     if kind == "gone":
         return Response(status_code=499)
+    if job.tool_format is not None:  # the worker found the model's tool-call format
+        reply.tool_calls = ToolCallSplitter(job.tool_format, job.tools)
 
     if stream:
         async def body() -> AsyncIterator[str]:
@@ -209,7 +212,9 @@ async def _respond(request: Request, host: ModelHost, job: GenerationJob, reply:
                     yield _sse(opening)
                 async for kind, value in events:
                     if kind == "chunk":
-                        yield _sse(reply.piece(value))
+                        piece = reply.piece(value)
+                        if piece is not None:
+                            yield _sse(piece)
                     elif kind == "error":
                         yield _sse(value.body())
                     elif kind == "done":
@@ -296,14 +301,17 @@ def create_app(config: ServerConfig) -> FastAPI:
         tier = host.tier_for(body.model)
         messages = [message.to_template() for message in body.messages]
         job = _job(body, tier, messages, chat=True, prompt_param="messages")
-        return await _respond(request, host, job, Reply(True, body.model, body.include_usage), body.stream)
+        job.tools = body.tool_definitions()
+        reply = Reply(True, body.model, body.include_usage, logprobs=body.logprobs is True)
+        return await _respond(request, host, job, reply, body.stream)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         body.check_supported()
         tier = host.tier_for(body.model)
         job = _job(body, tier, body.text(), chat=False, prompt_param="prompt")
-        return await _respond(request, host, job, Reply(False, body.model, body.include_usage), body.stream)
+        reply = Reply(False, body.model, body.include_usage, logprobs=body.logprobs is not None)
+        return await _respond(request, host, job, reply, body.stream)
 
     @app.get("/v1/outlier/stats")
     async def stats() -> dict[str, Any]:
@@ -321,6 +329,8 @@ def _job(body: ChatCompletionRequest | CompletionRequest, tier: str, prompt: Pro
          prompt_param: str) -> GenerationJob:
     options = {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "stop": body.stops(),
                **body.sampling()}
+    if body.top_logprobs_wanted() is not None:
+        options["top_logprobs"] = body.top_logprobs_wanted()
     return GenerationJob(tier, prompt, chat, prompt_param, body.token_budget(), options,
                          asyncio.get_running_loop())
 
