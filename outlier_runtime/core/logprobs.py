@@ -25,7 +25,7 @@ class TokenLogprob:
     text: str
     bytes: list[int]
     logprob: float
-    #: (token id, text, bytes, logprob) of the most likely tokens at this step, most likely first.
+    #: The most likely tokens at this step, most likely first (their own ``top`` empty).
     top: list["TokenLogprob"] = field(default_factory=list)
 
 
