@@ -15,7 +15,7 @@ from outlier_runtime.core.env_flags import check_env_flags
 from outlier_runtime.core.errors import ParameterError, RuntimeClosedError
 from outlier_runtime.core.logprobs import TokenLogprob, TokenTexts, token_logprob
 from outlier_runtime.core.manifest import TierManifest
-from outlier_runtime.core.memory import MemoryPlan
+from outlier_runtime.core.memory import MemoryPlan, PlanLine
 from outlier_runtime.core.plugin_manager import get_registry
 from outlier_runtime.core.params import check_generation, token_budget
 from outlier_runtime.core.protocols import LoadedModel, LoadRequest
@@ -34,10 +34,12 @@ GENERATION_OVERRIDES = ("max_tokens", "temperature", "top_p", "seed")
 Prompt = Union[str, Sequence[Message]]
 
 
-def load(tier: str, *, force: bool = False, **overrides: Any) -> "Runtime":
+def load(tier: str, *, force: bool = False, reserve: Sequence[PlanLine] = (), **overrides: Any) -> "Runtime":
     """Load a tier by name. Keyword overrides replace manifest knobs (``cache_gb=4, model="/path"``).
 
-    ``force=True`` loads even when the machine has less RAM than the tier asks for.
+    ``force=True`` loads even when the machine has less RAM than the tier asks for. ``reserve``:
+    memory the caller keeps beside the model (the server's prompt cache), a line of the tier's
+    memory plan that admission counts.
     """
     check_env_flags()
     # Generation defaults given as overrides get the same check (and message) as per-call values.
@@ -48,7 +50,7 @@ def load(tier: str, *, force: bool = False, **overrides: Any) -> "Runtime":
     if plans_memory(manifest, registry):
         # The plan reads the checkpoint's headers: the model must be on disk first.
         model_path = resolve_model(manifest.model, manifest.name)
-        plan = memory_plan(manifest, registry, model_path)
+        plan = memory_plan(manifest, registry, model_path, reserved=reserve)
         for note in plan.notes:
             log.info("tier %s: %s", manifest.name, note)
         for warning in plan.warnings:
@@ -61,7 +63,7 @@ def load(tier: str, *, force: bool = False, **overrides: Any) -> "Runtime":
     log.info("loading tier %s from %s with loader %s", manifest.name, model_path, manifest.loader.name)
     started = time.perf_counter()
     loaded = registry.get("loader", manifest.loader.name).guard.call(
-        "load", loader.load, LoadRequest(manifest, model_path, manifest.loader_options))
+        "load", loader.load, LoadRequest(manifest, model_path, manifest.loader_options, reserved=tuple(reserve)))
     log.info("loaded in %.2f s", time.perf_counter() - started)
     runtime = Runtime(manifest, loaded)
     runtime.memory_plan = plan

@@ -92,6 +92,9 @@ class ServerConfig:
     prompt_cache_gb: float = DEFAULT_PROMPT_CACHE_GB
     #: Whether a request may start downloading a tier's weights (else a 503 says `outlier pull TIER`).
     allow_download: bool = False
+    #: GB the loaded tiers and the prompt cache may take together (None: what is available at start,
+    #: less headroom). Tiers stay loaded while they fit; the least recently used idle one goes first.
+    memory_gb: float | None = None
 
     def load_overrides(self, tier: str) -> dict[str, Any]:
         """The overrides ``load(tier, ...)`` gets: the paging knobs its loader accepts, then the tier's own."""
@@ -240,7 +243,8 @@ async def _respond(request: Request, host: ModelHost, job: GenerationJob, reply:
 def create_app(config: ServerConfig) -> FastAPI:
     """The FastAPI application serving ``config``'s tiers."""
     host = ModelHost(config.load_overrides, force=config.force,
-                     prompt_cache_bytes=int(config.prompt_cache_gb * GB), allow_download=config.allow_download)
+                     prompt_cache_bytes=int(config.prompt_cache_gb * GB), allow_download=config.allow_download,
+                     memory_bytes=None if config.memory_gb is None else int(config.memory_gb * GB))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -293,7 +297,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def health() -> dict[str, Any]:
         """The server answers (load balancers, front ends); says which tier is loaded."""
         tier = host.loaded_tier
-        return {"status": "ok", "loaded_model": MODEL_PREFIX + tier if tier else None}
+        return {"status": "ok", "loaded_model": MODEL_PREFIX + tier if tier else None,
+                "loaded_models": [MODEL_PREFIX + name for name in host.tiers.loaded]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -319,7 +324,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         (token counts, speeds, engine counters): never a prompt's or a reply's text."""
         tier = host.loaded_tier
         return {"object": "outlier.stats", "loaded_tier": tier,
-                "loaded_model": MODEL_PREFIX + tier if tier else None, "requests": dict(host.counters),
+                "loaded_model": MODEL_PREFIX + tier if tier else None, "loaded_tiers": host.tiers.loaded,
+                "memory_plan": host.tiers.plan().to_dict(), "requests": dict(host.counters),
                 "last_request": host.last_stats}
 
     return app
