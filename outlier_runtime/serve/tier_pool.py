@@ -152,10 +152,11 @@ class TierPool:
     def _make_room(self, tier: str, nbytes: int, note: str) -> None:
         """Unload idle tiers, least recently used first, until ``tier`` fits beside the rest."""
         while not self.plan((tier, nbytes, note)).fits:
-            with self._lock:
+            with self._lock:  # chosen and taken out at once: no request can start using it in between
                 idle = next((name for name, loaded in self._tiers.items() if loaded.users == 0), None)
                 busy = [name for name, loaded in self._tiers.items() if loaded.users > 0]
-            if idle is None:
+                victim = self._tiers.pop(idle) if idle is not None else None
+            if victim is None:
                 if busy:
                     raise ApiError(503, f"Tier {tier!r} does not fit in memory beside {', '.join(busy)}, which "
                                         f"{'is' if len(busy) == 1 else 'are'} serving requests "
@@ -163,13 +164,15 @@ class TierPool:
                                    type="server_error", param="model", code="tier_busy")
                 return  # nothing else loaded: load() admits or refuses it on its own
             log.info("unloading tier %s (least recently used) to make room for tier %s", idle, tier)
-            self._unload(idle)
+            self._close(idle, victim)
 
     def _unload(self, tier: str) -> None:
         with self._lock:
             loaded = self._tiers.pop(tier, None)
-        if loaded is None:
-            return
+        if loaded is not None:
+            self._close(tier, loaded)
+
+    def _close(self, tier: str, loaded: LoadedTier) -> None:
         log.info("closing tier %s", tier)
         loaded.runtime.close()
-        self._on_unload(tier)
+        self._on_unload(tier)  # its prompt caches only take memory now
