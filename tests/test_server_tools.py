@@ -56,7 +56,7 @@ def _template_tokens(model_dir, messages, tools) -> int:
     return len(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True))
 
 
-def test_a_tool_call_round_trip_with_the_openai_client(client, tool_model):
+def test_a_tool_call_round_trip_with_the_openai_client(client, server, tool_model):
     reply = client.chat.completions.create(model="outlier-lite", messages=ASK, tools=TOOLS, temperature=0,
                                            max_tokens=16)
     choice = reply.choices[0]
@@ -81,6 +81,15 @@ def test_a_tool_call_round_trip_with_the_openai_client(client, tool_model):
     assert second.usage.prompt_tokens == _template_tokens(tool_model, rendered, TOOLS)
     assert second.usage.prompt_tokens > reply.usage.prompt_tokens
     assert second.choices[0].finish_reason == "tool_calls"  # this model always calls its tool
+    # The reply's message object itself, passed back as clients do, is accepted the same way.
+    echoed = [*ASK, choice.message, followed[-1]]
+    again = client.chat.completions.create(model="outlier-lite", messages=echoed, tools=TOOLS, temperature=0,
+                                           max_tokens=16)
+    assert again.usage.prompt_tokens == second.usage.prompt_tokens
+    dumped = {**choice.message.model_dump(), "refusal": None, "annotations": []}  # every field, nulls too
+    raw = _post(server, {"model": "outlier-lite", "tools": TOOLS, "max_tokens": 4,
+                         "messages": [*ASK, dumped, followed[-1]]})
+    assert raw.status_code == 200, raw.text
 
 
 def test_a_streamed_tool_call_arrives_as_tool_call_deltas(client):

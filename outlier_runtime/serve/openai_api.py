@@ -205,6 +205,11 @@ class ChatMessage(_Strict):
     name: Optional[Text] = None
     tool_calls: Optional[list[MessageToolCall]] = Field(default=None, max_length=MAX_TOOL_CALLS)
     tool_call_id: Optional[Text] = None
+    # Fields of a reply's message that clients send back with it: accepted and ignored on purpose.
+    refusal: Optional[Text] = None
+    annotations: Optional[list[Any]] = Field(default=None, max_length=0)
+    audio: None = None
+    function_call: None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -420,7 +425,7 @@ class Reply:
             body["usage"] = None  # as OpenAI does: only the last chunk carries usage
         return body
 
-    def _logprobs(self, entries: Sequence[Any], text: str) -> dict[str, Any] | None:
+    def _logprobs(self, entries: Sequence[Any]) -> dict[str, Any] | None:
         if not self.logprobs:
             return None
         if self.chat:
@@ -429,14 +434,14 @@ class Reply:
         for entry in entries:
             offsets.append(at)
             at += len(entry.text)
-        self._offset += len(text)
+        self._offset = at  # by the tokens' own texts, so streamed offsets equal the whole reply's
         return {"tokens": [e.text for e in entries], "token_logprobs": [e.logprob for e in entries],
                 "top_logprobs": [{alt.text: alt.logprob for alt in e.top} for e in entries],
                 "text_offset": offsets}
 
     def _choice(self, text: str | None, finish_reason: str | None, *, first: bool = False, stream: bool = True,
                 calls: Sequence[dict[str, Any]] = (), entries: Sequence[Any] = ()) -> dict[str, Any]:
-        logprobs = self._logprobs(entries, text or "") if (entries or not stream) else None
+        logprobs = self._logprobs(entries) if (entries or not stream) else None
         if not self.chat:
             return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         if not stream:
