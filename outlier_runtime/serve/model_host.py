@@ -73,7 +73,7 @@ class GenerationJob:
 
 
 class ModelHost:
-    """Holds the one resident Runtime and runs all model work on a single worker thread."""
+    """Holds the loaded Runtimes (a :class:`TierPool`) and runs all model work on a single worker thread."""
 
     def __init__(self, load_overrides: Callable[[str], dict[str, Any]] = lambda tier: {}, force: bool = False,
                  prompt_cache_bytes: int = 0, allow_download: bool = False, memory_bytes: int | None = None):
