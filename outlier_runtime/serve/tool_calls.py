@@ -127,8 +127,3 @@ def _partial_suffix(text: str, marker: str) -> int:
         if marker.startswith(text[-size:]):
             return size
     return 0
-
-
-def indexed(calls: list[dict[str, Any]], first: int) -> list[dict[str, Any]]:
-    """Stream deltas of ``calls``: each with its ``index`` among the reply's calls."""
-    return [{"index": first + i, **call} for i, call in enumerate(calls)]
