@@ -17,7 +17,7 @@ import importlib.resources
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import psutil
 
@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from outlier_runtime.core.errors import AdmissionError, ManifestError, OutlierError, TierNotFoundError
 from outlier_runtime.core.manifest import TierManifest, read_toml, validate_manifest
-from outlier_runtime.core.memory import MemoryPlan
+from outlier_runtime.core.memory import MemoryPlan, PlanLine
 from outlier_runtime.core.options import plugin_refs
 from outlier_runtime.core.plugin_manager import Registration, Registry, format_option_errors
 from outlier_runtime.core.protocols import LoadRequest
@@ -343,9 +343,11 @@ class TierStatus:
         }
 
 
-def memory_plan(manifest: TierManifest, registry: Registry, model_path: Path | None = None) -> MemoryPlan | None:
+def memory_plan(manifest: TierManifest, registry: Registry, model_path: Path | None = None,
+                reserved: Sequence[PlanLine] = ()) -> MemoryPlan | None:
     """The loader's memory plan for this tier, when its loader plans memory and the model is on
-    disk (``model_path``, or found without downloading); None otherwise."""
+    disk (``model_path``, or found without downloading); None otherwise. ``reserved`` lines are
+    memory held beside the model (the server's prompt cache), counted by the plan."""
     registration = registry.get("loader", manifest.loader.name)
     loader = registry.create("loader", manifest.loader.name)
     planner = getattr(loader, "plan_memory", None)
@@ -354,7 +356,8 @@ def memory_plan(manifest: TierManifest, registry: Registry, model_path: Path | N
     path = model_path or local_model(manifest.model)
     if path is None:
         return None
-    return registration.guard.call("plan_memory", planner, LoadRequest(manifest, path, manifest.loader_options))
+    return registration.guard.call("plan_memory", planner,
+                                   LoadRequest(manifest, path, manifest.loader_options, reserved=tuple(reserved)))
 
 
 def plans_memory(manifest: TierManifest, registry: Registry) -> bool:

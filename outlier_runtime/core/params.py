@@ -46,6 +46,8 @@ class GenerationParams(BaseModel):
     presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     #: Subtract this times the count of each token seen in the last 20 (OpenAI's range).
     frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    #: Report each generated token's log probability and this many likely alternatives (OpenAI's bound).
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
 
     @field_validator("prompt")
     @classmethod

@@ -64,6 +64,9 @@ class LoadRequest:
     model_path: Path
     #: The loader's options, an instance of the options model it registered (validated).
     options: Any = None
+    #: Memory the caller keeps beside the model (the server's prompt cache), as ``core.memory.PlanLine``s:
+    #: a loader that plans memory counts them as lines of its plan and sizes what it chooses around them.
+    reserved: Sequence[Any] = ()
 
 
 @dataclass

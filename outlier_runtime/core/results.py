@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from outlier_runtime.core.logprobs import TokenLogprob
 
 
 @dataclass
@@ -26,6 +29,8 @@ class GenerationResult:
     engine: dict[str, Any] = field(default_factory=dict)
     #: Of the prompt's tokens, those a prompt cache already held (not prefilled by this call).
     cached_tokens: int = 0
+    #: Each generated token's log probability, when the call asked for them (``top_logprobs``).
+    logprobs: Optional[list["TokenLogprob"]] = None
 
     @property
     def prefill_tokens(self) -> int:
@@ -42,3 +47,5 @@ class Chunk:
 
     text: str
     token: int
+    #: The log probabilities of the tokens whose text this chunk carries, when asked for.
+    logprobs: list["TokenLogprob"] = field(default_factory=list)

@@ -13,8 +13,9 @@ import mlx.core as mx
 from outlier_runtime.core.chat_encoding import encode_chat
 from outlier_runtime.core.env_flags import check_env_flags
 from outlier_runtime.core.errors import ParameterError, RuntimeClosedError
+from outlier_runtime.core.logprobs import TokenLogprob, TokenTexts, token_logprob
 from outlier_runtime.core.manifest import TierManifest
-from outlier_runtime.core.memory import MemoryPlan
+from outlier_runtime.core.memory import MemoryPlan, PlanLine
 from outlier_runtime.core.plugin_manager import get_registry
 from outlier_runtime.core.params import check_generation, token_budget
 from outlier_runtime.core.protocols import LoadedModel, LoadRequest
@@ -33,10 +34,12 @@ GENERATION_OVERRIDES = ("max_tokens", "temperature", "top_p", "seed")
 Prompt = Union[str, Sequence[Message]]
 
 
-def load(tier: str, *, force: bool = False, **overrides: Any) -> "Runtime":
+def load(tier: str, *, force: bool = False, reserve: Sequence[PlanLine] = (), **overrides: Any) -> "Runtime":
     """Load a tier by name. Keyword overrides replace manifest knobs (``cache_gb=4, model="/path"``).
 
-    ``force=True`` loads even when the machine has less RAM than the tier asks for.
+    ``force=True`` loads even when the machine has less RAM than the tier asks for. ``reserve``:
+    memory the caller keeps beside the model (the server's prompt cache), a line of the tier's
+    memory plan that admission counts.
     """
     check_env_flags()
     # Generation defaults given as overrides get the same check (and message) as per-call values.
@@ -47,7 +50,7 @@ def load(tier: str, *, force: bool = False, **overrides: Any) -> "Runtime":
     if plans_memory(manifest, registry):
         # The plan reads the checkpoint's headers: the model must be on disk first.
         model_path = resolve_model(manifest.model, manifest.name)
-        plan = memory_plan(manifest, registry, model_path)
+        plan = memory_plan(manifest, registry, model_path, reserved=reserve)
         for note in plan.notes:
             log.info("tier %s: %s", manifest.name, note)
         for warning in plan.warnings:
@@ -60,7 +63,7 @@ def load(tier: str, *, force: bool = False, **overrides: Any) -> "Runtime":
     log.info("loading tier %s from %s with loader %s", manifest.name, model_path, manifest.loader.name)
     started = time.perf_counter()
     loaded = registry.get("loader", manifest.loader.name).guard.call(
-        "load", loader.load, LoadRequest(manifest, model_path, manifest.loader_options))
+        "load", loader.load, LoadRequest(manifest, model_path, manifest.loader_options, reserved=tuple(reserve)))
     log.info("loaded in %.2f s", time.perf_counter() - started)
     runtime = Runtime(manifest, loaded)
     runtime.memory_plan = plan
@@ -99,8 +102,10 @@ class Runtime:
         """The engine's statistics since the last generation started."""
         return self._require().stats()
 
-    def encode(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
-        """Token ids for a prompt: a string (raw, or chat-wrapped) or a list of chat messages."""
+    def encode(self, prompt: Prompt, chat: bool | None = None, tools: Sequence[dict[str, Any]] | None = None
+               ) -> list[int]:
+        """Token ids for a prompt: a string (raw, or chat-wrapped) or a list of chat messages;
+        ``tools`` (OpenAI function definitions) are rendered by the chat template."""
         tokenizer = self.tokenizer
         defaults = self.manifest.generation
         if isinstance(prompt, str):
@@ -112,7 +117,7 @@ class Runtime:
             messages = [dict(m) for m in prompt]
         if defaults.system_prompt and not any(m.get("role") == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": defaults.system_prompt})
-        return encode_chat(tokenizer, messages)  # message content is text, never control tokens
+        return encode_chat(tokenizer, messages, tools)  # message content is text, never control tokens
 
     def stream(
         self,
@@ -146,15 +151,18 @@ class Runtime:
         stop: Sequence[str] = (),
         prompt_cache: list[Any] | None = None,
         cached: int = 0,
+        top_logprobs: int | None = None,
         **sampling: Any,
     ) -> Generator[Chunk, None, GenerationResult]:
         """:meth:`stream` from token ids. With an mlx-lm ``prompt_cache`` that already holds the
         first ``cached`` tokens, only the rest are prefilled (multi-turn chat, the server's
-        prompt cache); the result's ``cached_tokens`` says how many were not."""
+        prompt cache); the result's ``cached_tokens`` says how many were not. With
+        ``top_logprobs`` (0 or more), each chunk and the result carry every generated token's log
+        probability and that many most likely alternatives (:mod:`.logprobs`)."""
         from mlx_lm import stream_generate
 
         params = check_generation(list(tokens), max_tokens=max_tokens, temperature=temperature,
-                                  top_p=top_p, seed=seed, **sampling)
+                                  top_p=top_p, seed=seed, top_logprobs=top_logprobs, **sampling)
         defaults = self.manifest.generation
         budget = token_budget(len(tokens), params.max_tokens, defaults.max_tokens, defaults.context_window)
         temp = defaults.temperature if params.temperature is None else params.temperature
@@ -177,6 +185,9 @@ class Runtime:
             # Text that may be the start of a stop string is held back until the next piece
             # decides it, so a stop string split across two tokens is never yielded in part.
             held, hit = "", False
+            texts = TokenTexts(loaded.tokenizer) if top_logprobs is not None else None
+            entries: list[TokenLogprob] = []  # every generated token's, when asked for
+            unsent = 0  # entries[unsent:] belong to text not yet yielded
             extra: dict[str, Any] = {} if prompt_cache is None else {"prompt_cache": prompt_cache}
             if processors:
                 extra["logits_processors"] = processors
@@ -184,17 +195,20 @@ class Runtime:
                                                                max_tokens=budget, sampler=sampler, **extra)):
                 last = response
                 out_tokens.append(response.token)
+                if texts is not None and response.finish_reason != "stop":  # not the end-of-sequence token
+                    entries.append(token_logprob(response.logprobs, response.token, top_logprobs, texts))
                 piece, held, hit = _split_at_stop(held + response.text, stop)
                 text += piece
                 if piece:
-                    yield Chunk(piece, response.token)
+                    yield Chunk(piece, response.token, entries[unsent:])
+                    unsent = len(entries)
                 if hit:
                     finish = "stop"
                     break
                 finish = response.finish_reason
             if held and not hit:
                 text += held
-                yield Chunk(held, last.token)
+                yield Chunk(held, last.token, entries[unsent:])
             if last is not None and finish == "stop" and last.finish_reason == "stop":
                 out_tokens = out_tokens[:-1]  # the end-of-sequence token is not part of the text
             self.last_result = GenerationResult(
@@ -210,6 +224,7 @@ class Runtime:
                 tier=self.name,
                 engine=(loaded.result_stats or loaded.stats)(),
                 cached_tokens=cached,
+                logprobs=entries[:len(out_tokens)] if texts is not None else None,
             )
             return self.last_result
 

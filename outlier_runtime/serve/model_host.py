@@ -1,8 +1,9 @@
-"""The model host: the one resident Runtime, and the worker thread that runs all model work.
+"""The model host: the loaded Runtimes, and the worker thread that runs all model work.
 
 Loading, switching and generating all happen on a single worker thread, so requests queue
-in arrival order and never interleave inside a model; switching tiers closes the previous
-Runtime before loading the next. A :class:`GenerationJob` carries one request's generation
+in arrival order and never interleave inside a model. Loaded tiers stay loaded while the
+serving memory plan allows (:mod:`.tier_pool`: least recently used unloaded first, never one
+serving a request). A :class:`GenerationJob` carries one request's generation
 and hands its events (started, chunk, done, error) to the event loop through an asyncio
 queue; setting its ``cancelled`` flag stops the generation at the next chunk. Every generation
 starts from the host's :class:`~outlier_runtime.core.prompt_cache.PrefixCache`, so a request
@@ -25,11 +26,14 @@ from typing import Any, Callable
 
 from outlier_runtime.core.errors import AdmissionError, OutlierError, ParameterError, TierNotFoundError
 from outlier_runtime.core.manifest import TierManifest
+from outlier_runtime.core.memory import PlanLine, available_bytes, headroom_bytes
 from outlier_runtime.core.params import check_generation
 from outlier_runtime.core.prompt_cache import PrefixCache
 from outlier_runtime.serve.openai_api import MODEL_PREFIX, ApiError
 from outlier_runtime.core.runtime import Prompt, Runtime
 from outlier_runtime.serve.models_api import check_downloaded
+from outlier_runtime.serve.tier_pool import TierPool, tier_bytes
+from outlier_runtime.serve.tool_calls import check_tools
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,10 @@ class GenerationJob:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    #: Tool definitions for the chat template (None: none); the worker checks the model can take them
+    #: and sets ``tool_format`` (serve/tool_calls.py) before the job starts.
+    tools: list[dict[str, Any]] | None = None
+    tool_format: Any = None
 
     def emit(self, kind: str, value: Any) -> None:
         try:
@@ -65,10 +73,10 @@ class GenerationJob:
 
 
 class ModelHost:
-    """Holds the one resident Runtime and runs all model work on a single worker thread."""
+    """Holds the loaded Runtimes (a :class:`TierPool`) and runs all model work on a single worker thread."""
 
     def __init__(self, load_overrides: Callable[[str], dict[str, Any]] = lambda tier: {}, force: bool = False,
-                 prompt_cache_bytes: int = 0, allow_download: bool = False):
+                 prompt_cache_bytes: int = 0, allow_download: bool = False, memory_bytes: int | None = None):
         self._load_overrides = load_overrides  # tier -> keyword overrides for load()
         self._force = force
         #: Whether a request may load a tier whose weights must be downloaded first.
@@ -76,7 +84,13 @@ class ModelHost:
         #: KV caches of earlier requests by prefix (0 bytes: every request prefills its whole prompt).
         self.prompt_cache = PrefixCache(prompt_cache_bytes)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outlier-model")
-        self._runtime: Runtime | None = None
+        # The prompt cache's budget is a line of every plan: the serving plan and a paged tier's own.
+        self._reserved = ([PlanLine("prompt cache", prompt_cache_bytes, "--prompt-cache-gb, counted in full")]
+                          if prompt_cache_bytes else [])
+        budget, headroom = ((memory_bytes, 0) if memory_bytes is not None
+                            else (available_bytes(), headroom_bytes()))  # what was free at start
+        self.tiers = TierPool(self._load_tier, lambda tier: tier_bytes(self.manifest(tier)), budget, headroom,
+                              self._reserved, on_unload=self.prompt_cache.clear)
         self._tiers: list[dict[str, Any]] | None = None
         self._jobs: set[GenerationJob] = set()  # submitted and not finished
         self._jobs_lock = threading.Lock()
@@ -87,8 +101,8 @@ class ModelHost:
 
     @property
     def loaded_tier(self) -> str | None:
-        runtime = self._runtime
-        return runtime.name if runtime is not None else None
+        """The most recently used loaded tier."""
+        return self.tiers.most_recent
 
     def refresh_tiers(self) -> list[dict[str, Any]]:
         """Read the manifests again (at start, and on SIGHUP); blocking: call it off the event loop."""
@@ -161,30 +175,28 @@ class ModelHost:
     # Everything below runs on the worker thread only.
 
     def _unload(self) -> None:
-        if self._runtime is not None:
-            log.info("closing tier %s", self._runtime.name)
-            self._runtime.close()
-            self._runtime = None
-            self.prompt_cache.clear()  # caches of a model that is gone only take memory
+        self.tiers.close()  # each tier's prompt caches go with it
 
     def _preload(self, tier: str) -> None:
         try:
-            self._ensure(tier)
+            self.tiers.acquire(tier)
         except Exception:  # the server keeps running; a request for the tier will say why
             log.exception("could not preload tier %s", tier)
 
-    def _ensure(self, tier: str) -> Runtime:
+    def _load_tier(self, tier: str) -> Runtime:
         import outlier_runtime
 
-        if self._runtime is None or self._runtime.name != tier:
-            self._unload()
-            self._runtime = outlier_runtime.load(tier, force=self._force, **self._load_overrides(tier))
-        return self._runtime
+        return outlier_runtime.load(tier, force=self._force, reserve=self._reserved, **self._load_overrides(tier))
+
+    def _ensure(self, tier: str, job: GenerationJob | None = None) -> Runtime:
+        """The tier's runtime, loaded if needed; held for ``job`` (never unloaded under it) until it ends."""
+        return self.tiers.acquire(tier, user=job)
 
     def _generate(self, job: GenerationJob) -> None:
         try:
             self._run(job)
         finally:
+            self.tiers.release(job)
             with self._jobs_lock:
                 self._jobs.discard(job)
 
@@ -197,21 +209,23 @@ class ModelHost:
             self._count("cancelled")
             return  # the client left while the request was queued
         try:
-            if not self._allow_download and self.loaded_tier != job.tier:
+            if not self._allow_download and job.tier not in self.tiers.loaded:
                 check_downloaded(job.tier, self.manifest(job.tier))
-            runtime = self._ensure(job.tier)
+            runtime = self._ensure(job.tier, job)
             # Refused before a template wraps an empty prompt, and before a stored cache is taken;
             # an oversized prompt is refused by its size before it is tokenized.
             check_generation(job.prompt, **{k: v for k, v in job.options.items() if k != "stop"})
             check_prompt_size(runtime, job.prompt, job.prompt_param)
-            tokens = runtime.encode(job.prompt, chat=job.chat)
+            if job.tools is not None:
+                job.tool_format = check_tools(job.tier, runtime.tokenizer)
+            tokens = runtime.encode(job.prompt, chat=job.chat, tools=job.tools)
             prompt_tokens = len(tokens)
             budget = token_budget(runtime, prompt_tokens, job.max_tokens, job.prompt_param)
             job.emit("started", prompt_tokens)
             with contextlib.closing(self.prompt_cache.stream(runtime, tokens, max_tokens=budget,
                                                              **job.options)) as chunks:
                 for chunk in chunks:
-                    job.emit("chunk", chunk.text)
+                    job.emit("chunk", chunk)
                     if job.cancelled.is_set():
                         log.info("client disconnected: stopped generating on tier %s", job.tier)
                         self._count("cancelled")
@@ -249,7 +263,7 @@ class ModelHost:
 
 def counters_of(result: Any) -> dict[str, Any]:
     """A result's statistics without its text or tokens: what the stats route may show anyone."""
-    return {k: v for k, v in result.to_dict().items() if k not in ("text", "tokens")}
+    return {k: v for k, v in result.to_dict().items() if k not in ("text", "tokens", "logprobs")}
 
 
 def check_prompt_size(runtime: Runtime, prompt: Any, prompt_param: str) -> None:

@@ -1,19 +1,21 @@
 """The OpenAI wire format the server speaks: request models, error bodies and replies.
 
-Requests are checked strictly. A field this server cannot honour (``n > 1``, ``tools``,
-``logprobs``, ...) is answered with HTTP 400 naming it, never ignored; an unknown field is
-rejected too. The few extras that OpenAI clients send and that change nothing about the
-text (``user``, ``metadata``, ``store``, ...) are declared below and ignored on purpose. The
-sampling extras chat front ends send (``top_k``, ``min_p``, the penalties) are honoured.
+Requests are checked strictly. A field this server cannot honour (``n > 1``,
+``tool_choice="required"``, ...) is answered with HTTP 400 naming it, never ignored; an unknown
+field is rejected too. The few extras that OpenAI clients send and that change nothing about
+the text (``user``, ``metadata``, ``store``, ...) are declared below and ignored on purpose. The
+sampling extras chat front ends send (``top_k``, ``min_p``, the penalties), ``logprobs`` and
+``tools`` (for templates that support them: serve/tool_calls.py) are honoured.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Callable, ClassVar, Literal, Optional, Union
+from typing import Annotated, Any, Callable, ClassVar, Literal, Optional, Sequence, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -32,6 +34,16 @@ MAX_STOPS = 16
 MAX_STOP_CHARS = 256
 #: ``seed`` is an unsigned 64-bit integer (what mlx's generator takes).
 MAX_SEED = 2**64 - 1
+#: Tool definitions per request (OpenAI's limit), and their size as JSON in characters.
+MAX_TOOLS = 128
+MAX_TOOLS_CHARS = 262_144
+#: Nesting of a tool's JSON schema (or a call's arguments): the template renders it recursively.
+MAX_JSON_DEPTH = 32
+#: Tool calls per assistant message.
+MAX_TOOL_CALLS = 128
+#: OpenAI's bounds: chat ``top_logprobs`` 0..20, legacy completions ``logprobs`` 0..5.
+MAX_TOP_LOGPROBS = 20
+MAX_LEGACY_LOGPROBS = 5
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -111,18 +123,93 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _json_depth(value: Any) -> int:
+    """Nesting depth of a JSON value (iterative: a deep value must not exhaust the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            return deepest
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _shallow_json(value: Any) -> Any:
+    if _json_depth(value) > MAX_JSON_DEPTH:
+        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+class FunctionDefinition(_Strict):
+    """A tool the model may call: OpenAI's ``{"type": "function", "function": {...}}``."""
+
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")]
+    description: Optional[Text] = None
+    parameters: Annotated[Optional[dict[str, Any]], AfterValidator(_shallow_json)] = None
+    strict: Optional[bool] = None
+
+
+class ToolDefinition(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+def _bounded_tools(tools: Optional[list[ToolDefinition]]) -> Optional[list[ToolDefinition]]:
+    if tools is None:
+        return None
+    size = sum(len(tool.model_dump_json(exclude_none=True)) for tool in tools)
+    if size > MAX_TOOLS_CHARS:
+        raise ValueError(f"the tool definitions may have at most {MAX_TOOLS_CHARS} characters of JSON, not {size}")
+    names = [tool.function.name for tool in tools]
+    if len(set(names)) != len(names):
+        raise ValueError("two tools have the same name")
+    return tools
+
+
+class FunctionCall(_Strict):
+    name: Text
+    #: The arguments as a JSON string (as OpenAI sends them back).
+    arguments: Content = "{}"
+
+
+class MessageToolCall(_Strict):
+    """A tool call in an earlier assistant message of the conversation."""
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def to_template(self) -> dict[str, Any]:
+        # Templates render the arguments as an object (mlx_lm.server parses them the same way).
+        try:
+            arguments: Any = _shallow_json(json.loads(self.function.arguments))
+        except (ValueError, RecursionError):
+            arguments = self.function.arguments  # not JSON: rendered as the text it is
+        return {"id": self.id, "type": "function", "function": {"name": self.function.name, "arguments": arguments}}
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
 
 class ChatMessage(_Strict):
-    """A chat message for the tokenizer's chat template. Tool and function messages are not supported."""
+    """A chat message for the tokenizer's chat template: an assistant's may carry ``tool_calls``,
+    and a ``tool`` message answers one (``tool_call_id``)."""
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     #: A string, or a list of text parts (``{"type": "text", "text": ...}``), joined.
     content: Content = ""
     #: Harmless: chat templates have no place for a participant name.
     name: Optional[Text] = None
+    tool_calls: Optional[list[MessageToolCall]] = Field(default=None, max_length=MAX_TOOL_CALLS)
+    tool_call_id: Optional[Text] = None
+    # Fields of a reply's message that clients send back with it: accepted and ignored on purpose.
+    refusal: Optional[Text] = None
+    annotations: Optional[list[Any]] = Field(default=None, max_length=0)
+    audio: None = None
+    function_call: None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -137,9 +224,15 @@ class ChatMessage(_Strict):
                              "images, audio and files are not")
         return "".join(part["text"] for part in content)
 
-    def to_template(self) -> dict[str, str]:
+    def to_template(self) -> dict[str, Any]:
         # "developer" is OpenAI's newer name for the system message.
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                                   "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = [call.to_template() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class _GenerationRequest(_Strict):
@@ -210,13 +303,15 @@ class ChatCompletionRequest(_GenerationRequest):
     service_tier: Optional[str] = None
     prompt_cache_key: Optional[str] = None
     safety_identifier: Optional[str] = None
-    parallel_tool_calls: Optional[bool] = None  # meaningless without tools, which are refused
-    tools: Any = None
-    tool_choice: Any = None
+    #: Every call the model writes is returned; a model writes one or several as it was trained.
+    parallel_tool_calls: Optional[bool] = None
+    tools: Annotated[Optional[list[ToolDefinition]], Field(max_length=MAX_TOOLS),
+                     AfterValidator(_bounded_tools)] = None
+    tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = None
     functions: Any = None
     function_call: Any = None
-    logprobs: Any = None
-    top_logprobs: Any = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: Any = None
     audio: Any = None
     modalities: Any = None
@@ -227,12 +322,11 @@ class ChatCompletionRequest(_GenerationRequest):
 
     UNSUPPORTED = {
         **_GenerationRequest.UNSUPPORTED,
-        "tools": (_unset, "tool calling is not supported"),
-        "tool_choice": (lambda v: v in (None, "none"), "tool calling is not supported"),
-        "functions": (_unset, "function calling is not supported"),
-        "function_call": (lambda v: v in (None, "none"), "function calling is not supported"),
-        "logprobs": (_unset, "log probabilities are not supported"),
-        "top_logprobs": (_unset, "log probabilities are not supported"),
+        "tool_choice": (lambda v: v in (None, "none", "auto"),
+                        'only "auto" and "none": the model decides whether to call a tool, it cannot be forced'),
+        "functions": (_unset, "the deprecated `functions` are not supported; send `tools`"),
+        "function_call": (lambda v: v in (None, "none"), "the deprecated `function_call` is not supported; "
+                                                         "send `tool_choice`"),
         "response_format": (lambda v: v is None or v == {"type": "text"}, "only plain text responses are supported"),
         "audio": (lambda v: v is None, "audio output is not supported"),
         "modalities": (lambda v: v in (None, ["text"]), "only text output is supported"),
@@ -244,12 +338,25 @@ class ChatCompletionRequest(_GenerationRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "`top_logprobs` needs `logprobs` set to true.", param="top_logprobs",
+                           code="invalid_value")
         if self.max_tokens is not None and self.max_completion_tokens not in (None, self.max_tokens):
             raise ApiError(400, "Give `max_tokens` or `max_completion_tokens`, not two different values.",
                            param="max_completion_tokens", code="invalid_value")
 
     def token_budget(self) -> int | None:
         return self.max_completion_tokens if self.max_tokens is None else self.max_tokens
+
+    def top_logprobs_wanted(self) -> int | None:
+        """Alternatives per token to report (0: the chosen token's only), or None: no log probabilities."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def tool_definitions(self) -> list[dict[str, Any]] | None:
+        """The tools for the chat template, or None (none sent, or ``tool_choice`` is "none")."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
 
 
 class CompletionRequest(_GenerationRequest):
@@ -258,7 +365,8 @@ class CompletionRequest(_GenerationRequest):
     prompt: Annotated[Union[str, list[str]], AfterValidator(_bounded_prompt)]
     best_of: Any = None
     echo: Any = None
-    logprobs: Any = None
+    #: The legacy form: report this many alternatives per token (0: the chosen token's only).
+    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LEGACY_LOGPROBS)
     suffix: Any = None
 
     UNSUPPORTED = {
@@ -266,7 +374,6 @@ class CompletionRequest(_GenerationRequest):
         "prompt": (lambda v: isinstance(v, str) or len(v) == 1, "send one prompt per request"),
         "best_of": (lambda v: v in (None, 1), "only best_of=1 is supported"),
         "echo": (_unset, "echo is not supported"),
-        "logprobs": (lambda v: v is None, "log probabilities are not supported"),
         "suffix": (lambda v: v is None, "suffix (insertion) is not supported"),
     }
 
@@ -275,6 +382,9 @@ class CompletionRequest(_GenerationRequest):
 
     def token_budget(self) -> int | None:
         return self.max_tokens
+
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
 
 def usage(result: GenerationResult) -> dict[str, Any]:
@@ -289,13 +399,22 @@ def usage(result: GenerationResult) -> dict[str, Any]:
 
 @dataclass
 class Reply:
-    """Builds the response objects (whole, or stream chunks) of one chat or text completion."""
+    """Builds the response objects (whole, or stream chunks) of one chat or text completion.
+
+    With ``logprobs`` the choices carry each token's log probability (chat: ``logprobs.content``;
+    text: the legacy ``tokens`` / ``token_logprobs`` / ``top_logprobs`` / ``text_offset``). When the
+    worker found the model's tool-call format, ``tool_calls`` (a :class:`ToolCallSplitter`) moves
+    the calls out of the content into ``tool_calls``, and the finish reason becomes "tool_calls".
+    """
 
     chat: bool
     model: str
     include_usage: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
+    logprobs: bool = False
+    tool_calls: Any = None
+    _offset: int = 0  # characters of text sent so far (the legacy text_offset)
 
     def _envelope(self, choices: list[dict[str, Any]], stream: bool) -> dict[str, Any]:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if stream and self.chat else "")
@@ -306,34 +425,83 @@ class Reply:
             body["usage"] = None  # as OpenAI does: only the last chunk carries usage
         return body
 
-    def _choice(self, text: str | None, finish_reason: str | None, *, first: bool = False,
-                stream: bool = True) -> dict[str, Any]:
+    def _logprobs(self, entries: Sequence[Any]) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        if self.chat:
+            return {"content": [_chat_logprob(entry) for entry in entries], "refusal": None}
+        offsets, at = [], self._offset
+        for entry in entries:
+            offsets.append(at)
+            at += len(entry.text)
+        self._offset = at  # by the tokens' own texts, so streamed offsets equal the whole reply's
+        return {"tokens": [e.text for e in entries], "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{alt.text: alt.logprob for alt in e.top} for e in entries],
+                "text_offset": offsets}
+
+    def _choice(self, text: str | None, finish_reason: str | None, *, first: bool = False, stream: bool = True,
+                calls: Sequence[dict[str, Any]] = (), entries: Sequence[Any] = ()) -> dict[str, Any]:
+        logprobs = self._logprobs(entries) if (entries or not stream) else None
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         if not stream:
-            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                    "finish_reason": finish_reason}
+            message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+            if calls:
+                message["tool_calls"] = list(calls)
+            return {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
         if text:
             delta["content"] = text
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        if calls:
+            delta["tool_calls"] = list(calls)
+        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def _split(self, text: str, *, last: bool) -> tuple[str, list[dict[str, Any]]]:
+        """The content and the (stream-indexed) tool calls in the next piece of text."""
+        if self.tool_calls is None:
+            return text, []
+        done = self.tool_calls.calls_made
+        content, calls = self.tool_calls.feed(text)
+        if last:
+            tail, more = self.tool_calls.finish()
+            content, calls = content + tail, calls + more
+        return content, [{"index": done + i, **call} for i, call in enumerate(calls)]
+
+    def _finish_reason(self, result: GenerationResult) -> str:
+        reason = finish_reason(result)
+        made_calls = self.tool_calls is not None and self.tool_calls.calls_made > 0
+        return "tool_calls" if made_calls and reason == "stop" else reason
 
     def opening(self) -> dict[str, Any] | None:
         """Chat streams open with the assistant role; text completions have no opening chunk."""
         return self._envelope([self._choice(None, None, first=True)], True) if self.chat else None
 
-    def piece(self, text: str) -> dict[str, Any]:
-        return self._envelope([self._choice(text, None)], True)
+    def piece(self, chunk: Any) -> dict[str, Any] | None:
+        """The stream chunk for a generated :class:`Chunk`; None while a tool call is being written
+        and there is nothing to send yet."""
+        text, calls = self._split(chunk.text, last=False)
+        if not (text or calls or (self.logprobs and chunk.logprobs)):
+            return None
+        return self._envelope([self._choice(text, None, calls=calls, entries=chunk.logprobs)], True)
 
     def closing(self, result: GenerationResult) -> dict[str, Any]:
-        return self._envelope([self._choice(None, finish_reason(result))], True)
+        text, calls = self._split("", last=True)
+        return self._envelope([self._choice(text, self._finish_reason(result), calls=calls)], True)
 
     def usage_chunk(self, result: GenerationResult) -> dict[str, Any]:
         return {**self._envelope([], True), "usage": usage(result)}
 
     def whole(self, result: GenerationResult) -> dict[str, Any]:
-        choice = self._choice(result.text, finish_reason(result), stream=False)
+        text, calls = self._split(result.text, last=True)
+        calls = [{k: v for k, v in call.items() if k != "index"} for call in calls]
+        choice = self._choice(text, self._finish_reason(result), stream=False, calls=calls,
+                              entries=result.logprobs or [])
         return {**self._envelope([choice], False), "usage": usage(result)}
+
+
+def _chat_logprob(entry: Any) -> dict[str, Any]:
+    return {"token": entry.text, "logprob": entry.logprob, "bytes": entry.bytes,
+            "top_logprobs": [{"token": alt.text, "logprob": alt.logprob, "bytes": alt.bytes} for alt in entry.top]}
 
 
 def finish_reason(result: GenerationResult) -> str:

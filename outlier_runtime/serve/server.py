@@ -35,6 +35,7 @@ from outlier_runtime.core.memory import GB
 from outlier_runtime.serve.content_type import JsonBodies
 from outlier_runtime.serve.model_host import GenerationJob, ModelHost
 from outlier_runtime.serve.models_api import model_entries
+from outlier_runtime.serve.tool_calls import ToolCallSplitter
 from outlier_runtime.serve.openai_api import (
     MODEL_PREFIX,
     ApiError,
@@ -91,6 +92,9 @@ class ServerConfig:
     prompt_cache_gb: float = DEFAULT_PROMPT_CACHE_GB
     #: Whether a request may start downloading a tier's weights (else a 503 says `outlier pull TIER`).
     allow_download: bool = False
+    #: GB the loaded tiers and the prompt cache may take together (None: what is available at start,
+    #: less headroom). Tiers stay loaded while they fit; the least recently used idle one goes first.
+    memory_gb: float | None = None
 
     def load_overrides(self, tier: str) -> dict[str, Any]:
         """The overrides ``load(tier, ...)`` gets: the paging knobs its loader accepts, then the tier's own."""
@@ -200,6 +204,8 @@ async def _respond(request: Request, host: ModelHost, job: GenerationJob, reply:
         raise value
     if kind == "gone":
         return Response(status_code=499)
+    if job.tool_format is not None:  # the worker found the model's tool-call format
+        reply.tool_calls = ToolCallSplitter(job.tool_format, job.tools)
 
     if stream:
         async def body() -> AsyncIterator[str]:
@@ -209,7 +215,9 @@ async def _respond(request: Request, host: ModelHost, job: GenerationJob, reply:
                     yield _sse(opening)
                 async for kind, value in events:
                     if kind == "chunk":
-                        yield _sse(reply.piece(value))
+                        piece = reply.piece(value)
+                        if piece is not None:
+                            yield _sse(piece)
                     elif kind == "error":
                         yield _sse(value.body())
                     elif kind == "done":
@@ -235,7 +243,8 @@ async def _respond(request: Request, host: ModelHost, job: GenerationJob, reply:
 def create_app(config: ServerConfig) -> FastAPI:
     """The FastAPI application serving ``config``'s tiers."""
     host = ModelHost(config.load_overrides, force=config.force,
-                     prompt_cache_bytes=int(config.prompt_cache_gb * GB), allow_download=config.allow_download)
+                     prompt_cache_bytes=int(config.prompt_cache_gb * GB), allow_download=config.allow_download,
+                     memory_bytes=None if config.memory_gb is None else int(config.memory_gb * GB))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -288,7 +297,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def health() -> dict[str, Any]:
         """The server answers (load balancers, front ends); says which tier is loaded."""
         tier = host.loaded_tier
-        return {"status": "ok", "loaded_model": MODEL_PREFIX + tier if tier else None}
+        return {"status": "ok", "loaded_model": MODEL_PREFIX + tier if tier else None,
+                "loaded_models": [MODEL_PREFIX + name for name in host.tiers.loaded]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -296,14 +306,17 @@ def create_app(config: ServerConfig) -> FastAPI:
         tier = host.tier_for(body.model)
         messages = [message.to_template() for message in body.messages]
         job = _job(body, tier, messages, chat=True, prompt_param="messages")
-        return await _respond(request, host, job, Reply(True, body.model, body.include_usage), body.stream)
+        job.tools = body.tool_definitions()
+        reply = Reply(True, body.model, body.include_usage, logprobs=body.logprobs is True)
+        return await _respond(request, host, job, reply, body.stream)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         body.check_supported()
         tier = host.tier_for(body.model)
         job = _job(body, tier, body.text(), chat=False, prompt_param="prompt")
-        return await _respond(request, host, job, Reply(False, body.model, body.include_usage), body.stream)
+        reply = Reply(False, body.model, body.include_usage, logprobs=body.logprobs is not None)
+        return await _respond(request, host, job, reply, body.stream)
 
     @app.get("/v1/outlier/stats")
     async def stats() -> dict[str, Any]:
@@ -311,7 +324,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         (token counts, speeds, engine counters): never a prompt's or a reply's text."""
         tier = host.loaded_tier
         return {"object": "outlier.stats", "loaded_tier": tier,
-                "loaded_model": MODEL_PREFIX + tier if tier else None, "requests": dict(host.counters),
+                "loaded_model": MODEL_PREFIX + tier if tier else None, "loaded_tiers": host.tiers.loaded,
+                "memory_plan": host.tiers.plan().to_dict(), "requests": dict(host.counters),
                 "last_request": host.last_stats}
 
     return app
@@ -321,6 +335,8 @@ def _job(body: ChatCompletionRequest | CompletionRequest, tier: str, prompt: Pro
          prompt_param: str) -> GenerationJob:
     options = {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "stop": body.stops(),
                **body.sampling()}
+    if body.top_logprobs_wanted() is not None:
+        options["top_logprobs"] = body.top_logprobs_wanted()
     return GenerationJob(tier, prompt, chat, prompt_param, body.token_budget(), options,
                          asyncio.get_running_loop())
 

@@ -40,7 +40,8 @@ def _budget(request: LoadRequest, layout: ExpertLayout, non_expert_bytes: int, a
             config: dict) -> PagedBudget:
     context = request.manifest.generation.context_window
     kv = kv_cache_bytes(config, context, activation_bytes)
-    return plan_paged(request.options, layout, non_expert_bytes, kv, context, available_bytes(), headroom_bytes())
+    return plan_paged(request.options, layout, non_expert_bytes, kv, context, available_bytes(), headroom_bytes(),
+                      reserved=list(request.reserved))
 
 
 def _install_slot_buffers(site: SwitchSite, slots: LayerSlots) -> None:

@@ -58,14 +58,20 @@ class PagedBudget:
 
 
 def plan_paged(options: PagedMoEOptions, layout: ExpertLayout, non_expert_bytes: int, kv_bytes: int,
-               context_window: int, available: int, headroom: int) -> PagedBudget:
-    """The split of ``cache_gb`` (a number, or ``"auto"``: what memory allows) and the plan."""
+               context_window: int, available: int, headroom: int,
+               reserved: list[PlanLine] | None = None) -> PagedBudget:
+    """The split of ``cache_gb`` (a number, or ``"auto"``: what memory allows) and the plan.
+
+    ``reserved`` lines (the server's prompt cache) are memory held beside the model: they are
+    lines of the plan, and ``"auto"`` leaves room for them."""
     notes: list[str] = []
     warnings: list[str] = []
     problem = None
+    reserved = list(reserved or [])
+    reserved_bytes = sum(line.bytes for line in reserved)
     most = max(layout.num_experts)
     per_slot = layout.slot_row_bytes + layout.largest_record  # a slot in each layer + its read
-    free_for_cache = available - headroom - non_expert_bytes - kv_bytes
+    free_for_cache = available - headroom - non_expert_bytes - kv_bytes - reserved_bytes
     if kv_bytes > available - headroom:
         problem = (f"the KV cache of a {context_window}-token context window alone needs {kv_bytes / GB:.2f} GB, "
                    f"more than the {(available - headroom) / GB:.2f} GB available after headroom; "
@@ -76,6 +82,7 @@ def plan_paged(options: PagedMoEOptions, layout: ExpertLayout, non_expert_bytes:
         notes.append(
             f"cache_gb auto = {cache / GB:.3f} GB: {available / GB:.1f} GB available - {headroom / GB:.1f} GB "
             f"headroom - {non_expert_bytes / GB:.2f} GB non-expert weights - {kv_bytes / GB:.2f} GB KV cache"
+            + "".join(f" - {line.bytes / GB:.2f} GB {line.name}" for line in reserved)
             + (", capped at every expert cached" if cache == layout.everything_bytes(wanted_slots) else ""))
     else:
         cache = int(options.cache_gb * GB)
@@ -96,6 +103,7 @@ def plan_paged(options: PagedMoEOptions, layout: ExpertLayout, non_expert_bytes:
         PlanLine("KV cache", kv_bytes, f"{context_window}-token context window"),
         PlanLine("expert slots", slot_bytes, f"{slots} per layer x {len(layout.num_experts)} MoE layers"),
         PlanLine("RAM cache + read buffers", ram, "records cached or in flight, counted as taken"),
+        *reserved,
     ]
     plan = MemoryPlan(lines, available, headroom, notes, warnings, problem,
                       knob="paging.cache_gb (or generation.context_window)")
