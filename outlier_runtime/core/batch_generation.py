@@ -119,10 +119,12 @@ class ContinuousBatch:
         self._generator = BatchGenerator(runtime.model, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
                                          **generator_sizes(max_batch))
         self._sequences: dict[int, BatchSequence] = {}
-        #: Decode steps run, those that decoded two sequences or more, and the most decoded at once.
+        #: Decode steps run, those that decoded two sequences or more, the most decoded at once,
+        #: and the tokens decoded (one per sequence per step, end-of-sequence tokens included).
         self.decode_steps = 0
         self.batched_steps = 0
         self.largest_batch = 0
+        self.decoded_tokens = 0
 
     def __len__(self) -> int:
         return len(self._sequences)
@@ -164,6 +166,7 @@ class ContinuousBatch:
             self.decode_steps += 1
             self.batched_steps += int(len(responses) >= 2)
             self.largest_batch = max(self.largest_batch, len(responses))
+            self.decoded_tokens += len(responses)
         now = time.perf_counter()
         events = []
         for response in responses:
