@@ -182,8 +182,10 @@ def test_a_batch_reuses_and_fills_the_prompt_cache(nano):
     first = generate_together(nano, prompts, prompt_cache=cache, max_tokens=6, temperature=0.0)
     assert [r.cached_tokens for r in first] == [0, 0, 0] and len(cache) == 3
     follow_ups = [[*p, *r.tokens, *nano.encode("\n# next", chat=False)] for p, r in zip(prompts, first)]
-    again = generate_together(nano, follow_ups, prompt_cache=cache, max_tokens=6, temperature=0.0)
-    fresh = generate_together(nano, follow_ups, max_tokens=6, temperature=0.0)
+    # A penalty sees the cached tokens too: the same tokens as prefilling everything.
+    again = generate_together(nano, follow_ups, prompt_cache=cache, max_tokens=6, temperature=0.0,
+                              repetition_penalty=1.3)
+    fresh = generate_together(nano, follow_ups, max_tokens=6, temperature=0.0, repetition_penalty=1.3)
     for result, prompt, r, follow_up in zip(again, prompts, first, follow_ups):
         # Each follow-up prefills only its new turn: its prompt and reply came from the cache.
         assert r.finish_reason == "length" and result.cached_tokens == len(prompt) + len(r.tokens)
