@@ -1,8 +1,9 @@
 """Aggregate decode tok/s and expert bytes read per generated token, 1 to 8 requests decoded together.
 
 The Plus tier's paged engine on the embedded demo MoE (trained routing: 6 MoE layers, 64 experts,
-top-4, 61 KB per expert) at three expert-cache sizes (``CACHES``): none (4 slots per layer, the
-router's top-k), the demo's own (8 slots, 6 MB in all) and half the experts (32 slots). Every
+top-4, 61 KB per expert) at three expert-cache sizes (``CACHES``): none (``cache_gb`` 0 leaves the
+floor of one slot per layer and no RAM cache: every lookup is a read), the demo's own (8 slots,
+6 MB in all) and half the experts (32 slots). Every
 configuration generates the same eight greedy requests (``--tokens`` each), B at a time through
 ``ContinuousBatch`` (what ``outlier serve --max-batch`` runs): B = 1 decodes them one after the
 other, B = 8 all together. Each configuration starts from a freshly loaded runtime (cold expert
@@ -37,7 +38,7 @@ PROMPTS = [
 BATCH_SIZES = [1, 2, 4, 8]
 #: Paging knobs per cache size: slots per layer (of 64 experts) and the bound on all expert bytes.
 CACHES = {
-    "none": {"k_override": 4, "cache_gb": 0.0},  # the top-k only: what a step needs is read again
+    "none": {"k_override": 4, "cache_gb": 0.0},  # the budget leaves one slot per layer: every lookup reads
     "demo": {"k_override": 8, "cache_gb": 0.006},  # `outlier demo`'s knobs: 8 slots and a RAM cache
     "half": {"k_override": 32, "cache_gb": 0.016},  # half the experts in slots, a RAM cache beside
 }
