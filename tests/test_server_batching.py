@@ -20,6 +20,7 @@ import uvicorn
 from mlx_lm.generate import batch_generate, stream_generate
 
 from outlier_runtime.core.batch_generation import generator_sizes
+from outlier_runtime.serve.batching import MAX_BATCH_LIMIT
 from outlier_runtime.serve.server import ServerConfig, ServerConfigError, create_app
 
 from helpers import free_port
@@ -162,5 +163,5 @@ def test_max_batch_is_checked():
 
     result = CliRunner().invoke(cli.main, ["serve", "--max-batch", "65"])
     assert result.exit_code == 2 and "--max-batch" in result.output and "65" in result.output
-    default = next(p for p in cli.serve.params if p.name == "max_batch").default
-    assert default == ServerConfig().max_batch
+    flag = next(p for p in cli.serve.params if p.name == "max_batch")
+    assert flag.default == ServerConfig().max_batch and flag.type.max == MAX_BATCH_LIMIT
