@@ -446,10 +446,13 @@ def demo(prompt: str, max_tokens: int, k_override: int, cache_gb: float, reader:
                    "less headroom). Tiers stay loaded while they fit; the least recently used idle one goes first.")
 @click.option("--allow-download", is_flag=True,
               help="Let a request for a tier that is not downloaded download it (else: 503, run `outlier pull`).")
+@click.option("--max-batch", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="Concurrent requests to the loaded tier decoded together at most (a paged MoE reads the "
+                   "experts they share once per step); 1 decodes one request at a time.")
 @_paging_options
 def serve(host: str, port: int, api_key: str | None, preload: str | None, tier_overrides: tuple[str, ...],
           allowed_hosts: tuple[str, ...], max_connections: int, prompt_cache_gb: float, memory_gb: float | None,
-          allow_download: bool,
+          allow_download: bool, max_batch: int,
           model: str | None, k_override: int | None, cache_gb: float | None, reader: str | None,
           cache_policy: str | None, mmap_experts: bool | None, experts_per_token: int | None,
           prefetcher: str | None, settings: tuple[str, ...], force: bool) -> None:
@@ -471,7 +474,8 @@ def serve(host: str, port: int, api_key: str | None, preload: str | None, tier_o
     run_server(ServerConfig(host=host, port=port, api_key=api_key or None, force=force,
                             tier_overrides=overrides, paging_overrides=paging, preload=preload,
                             allowed_hosts=list(allowed_hosts), max_connections=max_connections,
-                            prompt_cache_gb=prompt_cache_gb, memory_gb=memory_gb, allow_download=allow_download))
+                            prompt_cache_gb=prompt_cache_gb, memory_gb=memory_gb, allow_download=allow_download,
+                            max_batch=max_batch))
 
 
 def _check_model_paths(overrides: dict[str, dict[str, Any]]) -> None:

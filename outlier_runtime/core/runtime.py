@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
 import time
-from typing import Any, Generator, Iterator, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Generator, Iterator, Sequence, Union
 
 import mlx.core as mx
 
@@ -68,6 +70,19 @@ def load(tier: str, *, force: bool = False, reserve: Sequence[PlanLine] = (), **
     runtime = Runtime(manifest, loaded)
     runtime.memory_plan = plan
     return runtime
+
+
+@dataclass
+class CallSettings:
+    """One generation call's parameters with the tier's defaults filled in."""
+
+    #: Tokens to generate at most.
+    budget: int
+    temperature: float
+    seed: int | None
+    #: mlx-lm's sampler (greedy at temperature 0) and logits processors (penalties), or none.
+    sampler: Callable
+    processors: list[Callable]
 
 
 class Runtime:
@@ -161,15 +176,10 @@ class Runtime:
         probability and that many most likely alternatives (:mod:`.logprobs`)."""
         from mlx_lm import stream_generate
 
-        params = check_generation(list(tokens), max_tokens=max_tokens, temperature=temperature,
-                                  top_p=top_p, seed=seed, top_logprobs=top_logprobs, **sampling)
-        defaults = self.manifest.generation
-        budget = token_budget(len(tokens), params.max_tokens, defaults.max_tokens, defaults.context_window)
-        temp = defaults.temperature if params.temperature is None else params.temperature
-        sampler = make_sampler(params, temp, defaults.top_p if params.top_p is None else params.top_p,
-                               vocab_size(self.model))
-        processors = make_logits_processors(params, tokens[:cached])
-        seed = defaults.seed if params.seed is None else params.seed
+        settings = self.call_settings(tokens, cached, max_tokens=max_tokens, temperature=temperature,
+                                      top_p=top_p, seed=seed, top_logprobs=top_logprobs,
+                                      **sampling)
+        budget, sampler, processors, seed = settings.budget, settings.sampler, settings.processors, settings.seed
         new_tokens = list(tokens[cached:])
         if not new_tokens:
             raise ParameterError(f"stream_tokens: the cache already holds all {len(tokens)} tokens; "
@@ -227,6 +237,31 @@ class Runtime:
                 logprobs=entries[:len(out_tokens)] if texts is not None else None,
             )
             return self.last_result
+
+    def call_settings(self, tokens: Sequence[int], cached: int = 0, *, max_tokens: int | None = None,
+                      temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+                      **sampling: Any) -> CallSettings:
+        """One call's parameters, checked, with this tier's defaults filled in: the token budget and
+        mlx-lm's sampler and logits processors for ``tokens`` (of which a cache holds ``cached``)."""
+        params = check_generation(list(tokens), max_tokens=max_tokens, temperature=temperature,
+                                  top_p=top_p, seed=seed, **sampling)
+        defaults = self.manifest.generation
+        temp = defaults.temperature if params.temperature is None else params.temperature
+        return CallSettings(
+            budget=token_budget(len(tokens), params.max_tokens, defaults.max_tokens, defaults.context_window),
+            temperature=temp,
+            seed=defaults.seed if params.seed is None else params.seed,
+            sampler=make_sampler(params, temp, defaults.top_p if params.top_p is None else params.top_p,
+                                 vocab_size(self.model)),
+            processors=make_logits_processors(params, tokens[:cached]),
+        )
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[LoadedModel]:
+        """The loaded model, held for one unit of work done outside :meth:`stream_tokens` (a step of
+        a batch): no other call on this runtime runs meanwhile."""
+        with self._lock:
+            yield self._require()
 
     def generate(self, prompt: Prompt, **options: Any) -> GenerationResult:
         """Generate a completion and return it with its statistics (see :meth:`stream` for options)."""

@@ -1,11 +1,12 @@
 """The model host: the loaded Runtimes, and the worker thread that runs all model work.
 
-Loading, switching and generating all happen on a single worker thread, so requests queue
-in arrival order and never interleave inside a model. Loaded tiers stay loaded while the
-serving memory plan allows (:mod:`.tier_pool`: least recently used unloaded first, never one
-serving a request). A :class:`GenerationJob` carries one request's generation
-and hands its events (started, chunk, done, error) to the event loop through an asyncio
-queue; setting its ``cancelled`` flag stops the generation at the next chunk. Every generation
+Loading, switching and generating all happen on a single worker thread, and requests start
+in arrival order. Loaded tiers stay loaded while the serving memory plan allows (:mod:`.tier_pool`:
+least recently used unloaded first, never one serving a request). Requests for a loaded tier that arrive while it generates join its batch between decode steps
+(:mod:`.batching`, up to ``max_batch`` at once); with ``max_batch=1`` they run one at a time.
+A :class:`GenerationJob` carries one request's generation and hands its events (started, chunk,
+done, error) to the event loop through an asyncio queue; setting its ``cancelled`` flag stops the
+generation at the next chunk. Every generation
 starts from the host's :class:`~outlier_runtime.core.prompt_cache.PrefixCache`, so a request
 prefills only the tokens after the longest prefix an earlier request left in it.
 
@@ -20,6 +21,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -29,6 +31,8 @@ from outlier_runtime.core.manifest import TierManifest
 from outlier_runtime.core.memory import PlanLine, available_bytes, headroom_bytes
 from outlier_runtime.core.params import check_generation
 from outlier_runtime.core.prompt_cache import PrefixCache
+from outlier_runtime.core.results import GenerationResult
+from outlier_runtime.serve.batching import BatchScheduler
 from outlier_runtime.serve.openai_api import MODEL_PREFIX, ApiError
 from outlier_runtime.core.runtime import Prompt, Runtime
 from outlier_runtime.serve.models_api import check_downloaded
@@ -72,11 +76,22 @@ class GenerationJob:
             self.cancelled.set()
 
 
+@dataclass
+class PreparedJob:
+    """A job whose tier is loaded and whose prompt is tokenized and fits: ready to generate."""
+
+    job: GenerationJob
+    runtime: Runtime
+    tokens: list[int]
+    budget: int  # tokens to generate at most
+
+
 class ModelHost:
     """Holds the loaded Runtimes (a :class:`TierPool`) and runs all model work on a single worker thread."""
 
     def __init__(self, load_overrides: Callable[[str], dict[str, Any]] = lambda tier: {}, force: bool = False,
-                 prompt_cache_bytes: int = 0, allow_download: bool = False, memory_bytes: int | None = None):
+                 prompt_cache_bytes: int = 0, allow_download: bool = False, memory_bytes: int | None = None,
+                 max_batch: int = 1):
         self._load_overrides = load_overrides  # tier -> keyword overrides for load()
         self._force = force
         #: Whether a request may load a tier whose weights must be downloaded first.
@@ -93,6 +108,9 @@ class ModelHost:
                               self._reserved, on_unload=self.prompt_cache.clear)
         self._tiers: list[dict[str, Any]] | None = None
         self._jobs: set[GenerationJob] = set()  # submitted and not finished
+        self._pending: deque[GenerationJob] = deque()  # submitted and not started, in arrival order
+        #: Decodes concurrent requests of the loaded tier together (at most ``max_batch``).
+        self.batching = BatchScheduler(max_batch)
         self._jobs_lock = threading.Lock()
         #: Counters only: never a request's or a reply's text (anyone with the key may read them).
         self.counters = {"requests": 0, "completed": 0, "failed": 0, "cancelled": 0, "refused_busy": 0,
@@ -144,8 +162,9 @@ class ModelHost:
                 raise ApiError(503, f"The server has {MAX_QUEUED_JOBS} requests queued; retry shortly.",
                                type="server_error", code="server_busy")
             self._jobs.add(job)
+            self._pending.append(job)
             self.counters["requests"] += 1
-        self._worker.submit(self._generate, job)
+        self._worker.submit(self._drain)
 
     def preload(self, tier: str) -> None:
         self._worker.submit(self._preload, tier)
@@ -192,13 +211,17 @@ class ModelHost:
         """The tier's runtime, loaded if needed; held for ``job`` (never unloaded under it) until it ends."""
         return self.tiers.acquire(tier, user=job)
 
-    def _generate(self, job: GenerationJob) -> None:
-        try:
-            self._run(job)
-        finally:
-            self.tiers.release(job)
+    def _drain(self) -> None:
+        """Run the queued jobs in arrival order (a batch takes the ones that can join it)."""
+        while True:
             with self._jobs_lock:
-                self._jobs.discard(job)
+                if not self._pending:
+                    return  # an earlier call ran this submission's job
+                job = self._pending.popleft()
+            try:
+                self._run(job)
+            finally:
+                self.release(job)
 
     def _count(self, name: str, amount: int = 1) -> None:
         with self._jobs_lock:
@@ -209,54 +232,104 @@ class ModelHost:
             self._count("cancelled")
             return  # the client left while the request was queued
         try:
-            if not self._allow_download and job.tier not in self.tiers.loaded:
-                check_downloaded(job.tier, self.manifest(job.tier))
-            runtime = self._ensure(job.tier, job)
-            # Refused before a template wraps an empty prompt, and before a stored cache is taken;
-            # an oversized prompt is refused by its size before it is tokenized.
-            check_generation(job.prompt, **{k: v for k, v in job.options.items() if k != "stop"})
-            check_prompt_size(runtime, job.prompt, job.prompt_param)
-            if job.tools is not None:
-                job.tool_format = check_tools(job.tier, runtime.tokenizer)
-            tokens = runtime.encode(job.prompt, chat=job.chat, tools=job.tools)
-            prompt_tokens = len(tokens)
-            budget = token_budget(runtime, prompt_tokens, job.max_tokens, job.prompt_param)
-            job.emit("started", prompt_tokens)
-            with contextlib.closing(self.prompt_cache.stream(runtime, tokens, max_tokens=budget,
-                                                             **job.options)) as chunks:
-                for chunk in chunks:
-                    job.emit("chunk", chunk)
-                    if job.cancelled.is_set():
-                        log.info("client disconnected: stopped generating on tier %s", job.tier)
-                        self._count("cancelled")
-                        return
-            result = runtime.last_result
-            # Counters only: the stats route never returns request or response text.
-            self.last_stats = {"tier": runtime.name, "result": counters_of(result) if result else None,
-                               "prompt_cache": self._prompt_cache_stats(result)}
-            self._count("completed")
-            if result:
-                self._count("prompt_tokens", result.prompt_tokens)
-                self._count("generation_tokens", result.generation_tokens)
-                log.info("tier %s: %d prompt tokens, %d from the prompt cache, %d prefilled; %d generated",
-                         runtime.name, result.prompt_tokens, result.cached_tokens, result.prefill_tokens,
-                         result.generation_tokens)
-            job.emit("done", result)
-        except ApiError as exc:
+            prepared = self._prepare(job)
+            # A batch replies to every job it decodes, this one included.
+            if not self.batching.serve(self, prepared):
+                self._generate_alone(prepared)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error reply
+            self.report_error(job, exc)
+
+    def _prepare(self, job: GenerationJob) -> PreparedJob:
+        """Load the job's tier, check and tokenize its prompt, size its token budget; emits "started"."""
+        if not self._allow_download and job.tier not in self.tiers.loaded:
+            check_downloaded(job.tier, self.manifest(job.tier))
+        runtime = self._ensure(job.tier, job)
+        # Refused before a template wraps an empty prompt, and before a stored cache is taken;
+        # an oversized prompt is refused by its size before it is tokenized.
+        check_generation(job.prompt, **{k: v for k, v in job.options.items() if k != "stop"})
+        check_prompt_size(runtime, job.prompt, job.prompt_param)
+        if job.tools is not None:
+            job.tool_format = check_tools(job.tier, runtime.tokenizer)
+        tokens = runtime.encode(job.prompt, chat=job.chat, tools=job.tools)
+        budget = token_budget(runtime, len(tokens), job.max_tokens, job.prompt_param)
+        job.emit("started", len(tokens))
+        return PreparedJob(job, runtime, tokens, budget)
+
+    def _generate_alone(self, prepared: PreparedJob) -> None:
+        job, runtime = prepared.job, prepared.runtime
+        with contextlib.closing(self.prompt_cache.stream(runtime, prepared.tokens, max_tokens=prepared.budget,
+                                                         **job.options)) as chunks:
+            for chunk in chunks:
+                job.emit("chunk", chunk)
+                if job.cancelled.is_set():
+                    log.info("client disconnected: stopped generating on tier %s", job.tier)
+                    self._count("cancelled")
+                    return
+        self.finish(job, runtime, runtime.last_result)
+
+    def next_for_batch(self, runtime: Runtime) -> PreparedJob | None:
+        """The next queued job, prepared, if it can join a batch running on ``runtime``; else None and
+        it stays queued (jobs start in arrival order: one that cannot join waits for the batch to end)."""
+        while True:
+            with self._jobs_lock:
+                if not self._pending:
+                    return None
+                job = self._pending[0]
+            if not job.cancelled.is_set() and (job.tier != runtime.name or not self.batching.accepts(runtime, job)):
+                return None
+            with self._jobs_lock:
+                self._pending.popleft()  # still the head: only this thread takes jobs out
+            if job.cancelled.is_set():
+                self.drop_cancelled(job)
+                continue
+            try:
+                return self._prepare(job)
+            except Exception as exc:  # noqa: BLE001 - its error reply; the batch goes on
+                self.report_error(job, exc)
+                self.release(job)
+
+    def drop_cancelled(self, job: GenerationJob) -> None:
+        """A job whose client left before it finished: counted and released."""
+        self._count("cancelled")
+        self.release(job)
+
+    def release(self, job: GenerationJob) -> None:
+        """A job is over (replied, failed or cancelled): it no longer counts against the queue bound."""
+        self.tiers.release(job)
+        with self._jobs_lock:
+            self._jobs.discard(job)
+
+    def finish(self, job: GenerationJob, runtime: Runtime, result: GenerationResult | None) -> None:
+        """Record a completed generation and send its result."""
+        # Counters only: the stats route never returns request or response text.
+        self.last_stats = {"tier": runtime.name, "result": counters_of(result) if result else None,
+                           "prompt_cache": self._prompt_cache_stats(result)}
+        self._count("completed")
+        if result:
+            self._count("prompt_tokens", result.prompt_tokens)
+            self._count("generation_tokens", result.generation_tokens)
+            log.info("tier %s: %d prompt tokens, %d from the prompt cache, %d prefilled; %d generated",
+                     runtime.name, result.prompt_tokens, result.cached_tokens, result.prefill_tokens,
+                     result.generation_tokens)
+        job.emit("done", result)
+
+    def report_error(self, job: GenerationJob, exc: BaseException) -> None:
+        """Send ``exc`` to the job's client as an OpenAI-shaped error, counted and logged."""
+        if isinstance(exc, ApiError):
             self._count("failed")
             job.emit("error", exc)
-        except ParameterError as exc:  # the runtime's own checks (an empty prompt, a bad top_p, ...)
+        elif isinstance(exc, ParameterError):  # the runtime's own checks (an empty prompt, a bad top_p, ...)
             job.emit("error", ApiError(400, str(exc), param=exc.param))
-        except (TierNotFoundError, AdmissionError) as exc:
+        elif isinstance(exc, (TierNotFoundError, AdmissionError)):
             self._count("failed")
             job.emit("error", ApiError(400, str(exc), param="model"))
-        except OutlierError as exc:
+        elif isinstance(exc, OutlierError):
             self._count("failed")
             log.error("tier %s failed: %s", job.tier, exc)
             job.emit("error", ApiError(500, str(exc), type="server_error"))
-        except Exception:
+        else:
             self._count("failed")
-            log.exception("generation on tier %s failed", job.tier)
+            log.error("generation on tier %s failed", job.tier, exc_info=exc)
             job.emit("error", ApiError(500, "The server failed while generating; see its log.",
                                        type="server_error"))
 

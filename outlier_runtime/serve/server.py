@@ -1,7 +1,8 @@
 """``outlier serve``: an OpenAI-compatible HTTP API over the tiers (FastAPI + uvicorn).
 
 The routes here parse requests and stream replies; :mod:`.model_host` keeps the one resident
-model and runs every generation on a single worker thread (queued, never interleaved);
+model and runs every generation on a single worker thread (concurrent requests to the loaded
+tier decode together, :mod:`.batching`);
 :mod:`.openai_api` holds the wire format (request models, error bodies, reply objects);
 :mod:`.guard` checks the Host and bounds the body, :mod:`.connections` bounds connections.
 A client that disconnects cancels its job, and the worker stops at the next chunk.
@@ -32,6 +33,7 @@ from outlier_runtime.core.errors import OutlierError
 from outlier_runtime.serve.connections import DEFAULT_HEAD_TIMEOUT, DEFAULT_MAX_CONNECTIONS
 from outlier_runtime.serve.guard import BodyGuard, GuardConfig, HostGuard
 from outlier_runtime.core.memory import GB
+from outlier_runtime.serve.batching import DEFAULT_MAX_BATCH, MAX_BATCH_LIMIT
 from outlier_runtime.serve.content_type import JsonBodies
 from outlier_runtime.serve.model_host import GenerationJob, ModelHost
 from outlier_runtime.serve.models_api import model_entries
@@ -95,6 +97,13 @@ class ServerConfig:
     #: GB the loaded tiers and the prompt cache may take together (None: what is available at start,
     #: less headroom). Tiers stay loaded while they fit; the least recently used idle one goes first.
     memory_gb: float | None = None
+    #: Concurrent requests to the loaded tier decoded together at most (1: one at a time).
+    max_batch: int = DEFAULT_MAX_BATCH
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_batch, int) or not 1 <= self.max_batch <= MAX_BATCH_LIMIT:
+            raise ServerConfigError(f"--max-batch {self.max_batch!r}: expected a whole number from 1 (no "
+                                    f"batching) to {MAX_BATCH_LIMIT}.")
 
     def load_overrides(self, tier: str) -> dict[str, Any]:
         """The overrides ``load(tier, ...)`` gets: the paging knobs its loader accepts, then the tier's own."""
@@ -244,7 +253,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     """The FastAPI application serving ``config``'s tiers."""
     host = ModelHost(config.load_overrides, force=config.force,
                      prompt_cache_bytes=int(config.prompt_cache_gb * GB), allow_download=config.allow_download,
-                     memory_bytes=None if config.memory_gb is None else int(config.memory_gb * GB))
+                     memory_bytes=None if config.memory_gb is None else int(config.memory_gb * GB),
+                     max_batch=config.max_batch)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -320,12 +330,13 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/outlier/stats")
     async def stats() -> dict[str, Any]:
-        """Which tier is loaded, request counters, and the last completed request's statistics
-        (token counts, speeds, engine counters): never a prompt's or a reply's text."""
+        """Which tier is loaded, request counters, batching counters, and the last completed request's
+        statistics (token counts, speeds, engine counters): never a prompt's or a reply's text."""
         tier = host.loaded_tier
         return {"object": "outlier.stats", "loaded_tier": tier,
                 "loaded_model": MODEL_PREFIX + tier if tier else None, "loaded_tiers": host.tiers.loaded,
                 "memory_plan": host.tiers.plan().to_dict(), "requests": dict(host.counters),
+                "batching": host.batching.stats(),
                 "last_request": host.last_stats}
 
     return app
