@@ -146,8 +146,12 @@ class LayerSlots:
 
     def copy_out(self, slot: int, record: np.ndarray) -> None:
         """Copy the expert in ``slot`` back into a record (its bytes as read: installs are exact)."""
-        for buffer, tensor, start in zip(self.buffers, self.layer.tensors, self.layer.record_offsets):
-            record[start:start + tensor.expert_nbytes] = np.asarray(buffer[slot].view(mx.uint8)).reshape(-1)
+        # One evaluation for every tensor's row: converting each lazy slice on its own cost one
+        # mlx evaluation per tensor (9 per expert), most of an eviction's time on small experts.
+        rows = [buffer[slot].view(mx.uint8).reshape(-1) for buffer in self.buffers]
+        mx.eval(rows)
+        for row, tensor, start in zip(rows, self.layer.tensors, self.layer.record_offsets):
+            record[start:start + tensor.expert_nbytes] = np.asarray(row)
 
 
 def _verify(layer: ExpertLayer, expert: int, record: np.ndarray) -> None:
