@@ -293,17 +293,20 @@ class ExpertStore:
         self._harvest_prefetches()
         records: dict[int, np.ndarray] = {}
         to_read = []
+        running: dict[int, tuple[np.ndarray, Future]] = {}
         try:
             for expert in experts:
                 key = (layer.index, expert)
                 pending = self._inflight.pop(key, None)
                 if pending is not None:
-                    record = self._finished(pending)  # waits for the read; a failed one is read again below
-                    if record is not None:
-                        records[expert] = record
-                        stats.ram_hits += 1
-                        stats.prefetch_used += 1
-                        continue
+                    if pending[1].cancel():
+                        # Still queued behind other guesses: read it now, on the demand path.
+                        self.pool.give(pending[0])
+                        stats.prefetch_cancelled += 1
+                        to_read.append(expert)
+                    else:
+                        running[expert] = pending  # being read: collected after the demand reads start
+                    continue
                 record = self.ram.take(key)
                 if record is not None:
                     records[expert] = record
@@ -322,13 +325,29 @@ class ExpertStore:
                 stats.read_seconds += time.perf_counter() - started
                 stats.misses += len(to_read)
                 stats.bytes_read += layer.expert_nbytes * len(to_read)
+            for expert, pending in list(running.items()):
+                del running[expert]
+                record = self._finished(pending)  # waits for the read; a failed one is read again
+                if record is None:
+                    buffers = {expert: self._take(layer)}
+                    records.update(buffers)
+                    self._read(layer, buffers)
+                    stats.misses += 1
+                    stats.bytes_read += layer.expert_nbytes
+                else:
+                    records[expert] = record
+                    stats.ram_hits += 1
+                    stats.prefetch_used += 1
         except BaseException:
             for record in records.values():
                 self.pool.give(record)
+            for record, future in running.values():  # never hand back a buffer still being read into
+                if self._finished((record, future)) is not None:
+                    self.pool.give(record)
             raise
         return records
 
-    def _read(self, layer: ExpertLayer, buffers: dict[int, np.ndarray]) -> None:
+    def _read(self, layer: ExpertLayer, buffers: dict[int, np.ndarray], background: bool = False) -> None:
         """Read whole expert records into ``buffers``, retrying a failed batch a bounded number of times.
 
         Disks and network filesystems fail transiently (EIO, short reads); a file that is
@@ -336,30 +355,37 @@ class ExpertStore:
         """
         for attempt in range(READ_ATTEMPTS):
             try:
-                return self._read_once(layer, buffers)
+                return self._read_once(layer, buffers, background)
             except ExpertReadError:
                 if attempt + 1 == READ_ATTEMPTS:
                     raise
                 self.read_retries += 1
                 time.sleep(RETRY_BACKOFF_SECONDS * (attempt + 1))
 
-    def _read_once(self, layer: ExpertLayer, buffers: dict[int, np.ndarray]) -> None:
-        """Read whole expert records in one reader call (thread safe: touches no cache state)."""
+    def _read_once(self, layer: ExpertLayer, buffers: dict[int, np.ndarray], background: bool = False) -> None:
+        """Read whole expert records in one reader call (thread safe: touches no cache state).
+
+        ``background``: a prefetch, read with the reader's ``read_background`` where it has one
+        (the fanout reader then serves every demand read first).
+        """
         requests = []
         for expert, buffer in buffers.items():
             view = memoryview(buffer)
             for path, offset, length, start in layer.read_ranges(expert):
                 requests.append(ReadRequest(path, offset, length, view[start:start + length]))
-        self.reader.read(requests)
+        read = getattr(self.reader, "read_background", None) if background else None
+        (read if callable(read) else self.reader.read)(requests)
         if self.verify_checksums:
             for expert, buffer in buffers.items():
                 _verify(layer, expert, buffer[:layer.expert_nbytes])
 
-    def prefetch(self, layer_number: int, experts: Iterable[int]) -> None:
+    def prefetch(self, layer_number: int, experts: Iterable[int], depth: int | None = None) -> None:
         """Start reading experts of a layer that will probably be needed soon, in the background.
 
         Each read takes a record within the budget first (never evicting more than the RAM
-        cache holds), and at most one slot-count of reads per layer is in flight.
+        cache holds), and at most ``depth`` reads per layer (default: its slot count) are
+        queued or in flight. A queued read that a step needs first is cancelled and read
+        on the demand path (``_fetch``).
         """
         if self.ram.budget == 0:
             return
@@ -372,7 +398,7 @@ class ExpertStore:
                 int(e) for e in experts
                 if int(e) not in slots.slot_of and (layer_number, int(e)) not in self._inflight
                 and (layer_number, int(e)) not in self.ram
-            ][:max(0, slots.num_slots - in_flight)]
+            ][:max(0, (depth or slots.num_slots) - in_flight)]
             if not wanted:
                 return
             if self._executor is None:
@@ -383,7 +409,7 @@ class ExpertStore:
                 if not self.ram.make_room(stride):
                     break  # a guess never pushes the engine past its budget
                 record = self.pool.take(stride)
-                future = self._executor.submit(self._read, layer, {expert: record})
+                future = self._executor.submit(self._read, layer, {expert: record}, True)
                 self._inflight[(layer_number, expert)] = (record, future)
                 stats.prefetched += 1
                 stats.prefetch_bytes += layer.expert_nbytes
