@@ -173,3 +173,29 @@ def test_the_prefetchers_depth_and_extra_guesses_are_declared_options():
     assert fields["depth"].default == 0 and fields["depth"].description
     assert fields["extra"].default == 0 and fields["extra"].description
     assert NextLayerRouterPrefetcher(extra=3, depth=5).depth == 5
+
+
+@pytest.mark.parametrize("host_views", [True, False], ids=["numpy-view", "mlx-gather"])
+def test_a_steps_installs_and_copies_out_are_batched_and_exact(tiny, monkeypatch, host_views):
+    from outlier_paged_moe import store as store_module
+    from outlier_paged_moe.records import record_stride
+    from outlier_paged_moe.store import LayerSlots
+
+    path = tiny("qwen3_moe")
+    entries = read_checkpoint(path)
+    model, _ = load_lazily(path, entries)
+    layer = build_expert_index(find_switch_modules(model), entries).layers[0]
+    slots = LayerSlots(layer, 4, LRUPolicy())
+    monkeypatch.setattr(LayerSlots, "_host_views", lambda self: host_views)  # the bfloat16 path: mlx-gather
+    # Two experts per batch: three installs take two batches (the first applied at once).
+    monkeypatch.setattr(store_module, "EVAL_BATCH_BYTES", 2 * layer.expert_nbytes)
+    rng = np.random.default_rng(1)
+    stride = record_stride(layer.read_nbytes)
+    records = {e: rng.integers(0, 256, stride, dtype=np.uint8) for e in (7, 2, 5)}
+    slots.install_many([(slot, e, records[e]) for slot, e in zip((3, 0, 1), (7, 2, 5))])
+    assert slots.slot_of == {7: 3, 2: 0, 5: 1} and slots.expert_in_slot == [2, 5, -1, 7]
+    copies = {slot: np.zeros(stride, np.uint8) for slot in (3, 1)}
+    slots.copy_out_many(list(copies.items()))
+    n = layer.expert_nbytes
+    assert copies[3][:n].tobytes() == records[7][:n].tobytes()
+    assert copies[1][:n].tobytes() == records[5][:n].tobytes()

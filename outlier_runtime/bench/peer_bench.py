@@ -124,7 +124,9 @@ def _row_of(result: dict[str, Any]) -> dict[str, Any]:
     run = result["runs"][0]
     row = {"decode_tps": run["decode_tps"], "decode_tps_median": run["decode_tps_median"],
            "tokens": run["tokens"], "peak_rss_bytes": result["peak_rss_bytes"],
-           "baseline_rss_bytes": result["baseline_rss_bytes"], "load_seconds": result["load_seconds"]}
+           "baseline_rss_bytes": result["baseline_rss_bytes"], "load_seconds": result["load_seconds"],
+           # Checkpoint bytes the run left in the OS page cache (fincore): memory outside its RSS.
+           "page_cache_after_bytes": result.get("page_cache_after_bytes")}
     if "engine_decode" in run:
         decode = run["engine_decode"]
         row["slots_per_layer"] = run.get("engine_config", {}).get("slots_per_layer")
@@ -226,6 +228,7 @@ def summarize(raw: dict[str, list[dict[str, Any]]], models: dict[str, Path], lay
                     "peak_rss_bytes": max((r["peak_rss_bytes"] for r in good), default=None),
                     "peak_rss_above_baseline_bytes": max(
                         (r["peak_rss_bytes"] - r["baseline_rss_bytes"] for r in good), default=None),
+                    "page_cache_after_bytes": max((r["page_cache_after_bytes"] or 0 for r in good), default=None),
                     "slots_per_layer_seen": sorted({str(r.get("slots_per_layer")) for r in good}),
                     "hit_rate": _spread([r["hit_rate"] for r in good if r.get("hit_rate") is not None]),
                     "errors": [r["error"] for r in runs if "error" in r],
@@ -252,7 +255,8 @@ def peer_markdown(report: dict[str, Any], json_name: str) -> str:
     head = ["model", "cached", "slots", "ours tokens = stock", "ours / stock"]
     if peer:
         head += [f"{peer} tokens = stock", f"{peer} / stock", f"ours / {peer}"]
-    head += ["peak RSS GB stock / ours" + (f" / {peer}" if peer else "")]
+    head += ["peak RSS GB stock / ours" + (f" / {peer}" if peer else ""),
+             "page cache left MB ours" + (f" / {peer}" if peer else "")]
     lines = [f"# outlier bench --peers ({json_name})", "",
              f"{config['tokens']} greedy tokens, {config['rounds']} interleaved rounds; ratios of decode tok/s "
              "to stock in the same round: median (min-max).", ""]
@@ -268,5 +272,7 @@ def peer_markdown(report: dict[str, Any], json_name: str) -> str:
             cells += ["yes" if row[peer]["tokens_identical_to_stock"] else "NO", _ratio(row[peer]["vs_stock"]),
                       _ratio(row.get("ours_vs_peer"))]
         cells.append(" / ".join(f"{v / GB:.2f}" if v else "-" for v in rss))
+        cached = [row["ours"]["page_cache_after_bytes"]] + ([row[peer]["page_cache_after_bytes"]] if peer else [])
+        cells.append(" / ".join("-" if v is None else f"{v / 1e6:.1f}" for v in cached))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
