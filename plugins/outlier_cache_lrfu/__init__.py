@@ -33,7 +33,7 @@ class LRFUPolicy:
         )
 
     def __init__(self, half_life: float = 100.0) -> None:
-        self.rate = 1.0 / half_life
+        self.half_life = half_life
         self._decayed: dict[Hashable, float] = {}  # the count at the key's last use
         self._last_use: dict[Hashable, int] = {}
         self._clock = count()
@@ -41,7 +41,7 @@ class LRFUPolicy:
     def accessed(self, key: Hashable) -> None:
         now = next(self._clock)
         last = self._last_use.get(key)
-        before = 0.0 if last is None else self._decayed[key] * 2.0 ** (-self.rate * (now - last))
+        before = 0.0 if last is None else self._decayed[key] * 2.0 ** (-(now - last) / self.half_life)
         self._decayed[key] = 1.0 + before
         self._last_use[key] = now
 
@@ -52,7 +52,7 @@ class LRFUPolicy:
         """log2 of the decayed count, shifted by the same amount for every key (never seen: lowest)."""
         if key not in self._last_use:
             return -math.inf
-        return math.log2(self._decayed[key]) + self.rate * self._last_use[key]
+        return math.log2(self._decayed[key]) + self._last_use[key] / self.half_life
 
     def choose_victim(self, candidates: Collection[Hashable]) -> Hashable:
         return min(candidates, key=lambda key: (self.score(key), self._last_use.get(key, -1)))
