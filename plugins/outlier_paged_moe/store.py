@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 EMPTY = -1
 #: Most expert bytes installed (or copied out) per mlx evaluation: a step's updates share one
 #: evaluation up to this, while the host->mx copies waiting for it stay small against cache_gb.
-EVAL_BATCH_BYTES = 16 * 1024 * 1024
+#: Larger experts (the Plus tier's are 7.5 MiB) go one per evaluation, applied at once, as one
+#: expert's copies always were; an evaluation costs little beside reading one of them.
+EVAL_BATCH_BYTES = 4 * 1024 * 1024
 #: A failed batch read is tried this many times in all before its error reaches the caller.
 READ_ATTEMPTS = 3
 RETRY_BACKOFF_SECONDS = 0.01
@@ -150,17 +152,19 @@ class LayerSlots:
         Not one mlx evaluation per expert: on this CPU an evaluation costs ~0.2-0.7 ms, more than
         reading a small expert. Updates go in batches of at most EVAL_BATCH_BYTES (until applied,
         each update's host->mx copy stays alive in mlx's memory, outside the bound); each batch
-        but the last is applied at once, the last with the layer's own computation, which reads
-        the slots next (the update is ordered before it, as any mlx array update is).
+        is applied at once, except a last one within EVAL_BATCH_BYTES: that one is applied with
+        the layer's own computation, which reads the slots next (mlx orders an array's update
+        before its readers).
         """
         batches = self._batches(placements)
+        lazy_last = len(batches[-1]) * self.layer.expert_nbytes <= EVAL_BATCH_BYTES if batches else False
         for number, batch in enumerate(batches):
             for slot, _, record in batch:
                 for buffer, tensor, start in zip(self.buffers, self.layer.tensors, self.layer.record_offsets):
                     # One tensor at a time: the transient host->mx copy is one piece, not the whole record.
                     piece = mx.array(record[start:start + tensor.expert_nbytes])
                     buffer[slot] = piece.view(tensor.dtype).reshape(tensor.expert_shape)  # in place (donated)
-            if number + 1 < len(batches):
+            if number + 1 < len(batches) or not lazy_last:
                 mx.eval(self.buffers)
             for slot, expert, _ in batch:
                 self.expert_in_slot[slot] = expert
