@@ -131,7 +131,8 @@ def _row_of(result: dict[str, Any]) -> dict[str, Any]:
         decode = run["engine_decode"]
         row["slots_per_layer"] = run.get("engine_config", {}).get("slots_per_layer")
         row["ram_cache_budget_bytes"] = run.get("engine_config", {}).get("ram_cache_budget_bytes")
-        row["hit_rate"] = decode.get("hit_rate")
+        # No lookups (every expert resident: the original module ran) is no hit rate, not 0.
+        row["hit_rate"] = decode.get("hit_rate") if decode.get("lookups") else None
         row["read_seconds"] = decode.get("read_seconds")
     if "peer" in result:
         row["peer"] = result["peer"]
