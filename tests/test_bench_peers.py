@@ -72,6 +72,9 @@ def test_peers_without_boyle_prints_one_line_and_skips_its_columns(tiny_cache, t
         assert row["ours"]["tokens_identical_to_stock"] is True
         assert row["ours"]["slots_per_layer_seen"] == [str(row["slots_per_layer"])]
         assert row["ours"]["vs_stock"]["n"] == 1 and row["ours"]["vs_stock"]["median"] > 0
+    by_fraction = {row["fraction"]: row["ours"] for row in report["summary"]}
+    assert by_fraction[0.25]["hit_rate"]["median"] < 1.0  # it paged
+    assert by_fraction[1.0]["hit_rate"] is None  # every expert resident: no lookups at all
     table = (out / f"{json_path.stem}.md").read_text()
     assert "| qwen3_moe | 25% | 8/32 | yes |" in table and "boyle / stock" not in table
 
