@@ -690,18 +690,39 @@ def pack(model: str, no_checksums: bool, as_json: bool) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"),
               show_default=True, help="Where <timestamp>.json and .md are written.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=900, show_default=True, help="Seconds per configuration.")
-@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Rounds of the disk-sensitive configurations; each reports its fastest round.")
+@click.option("--repeat", type=click.IntRange(min=1),
+              help="Rounds of the disk-sensitive configurations; each reports its fastest round (default 1). "
+                   "With --peers: interleaved rounds, reported as median and spread (default 5).")
+@click.option("--peers", is_flag=True,
+              help="Compare with the exact peer boyle (extra `peers`) at 25/50/100%% of experts cached, "
+                   "on the bench model and small qwen3_5_moe/qwen3_moe/mixtral models, against stock.")
+@click.option("--peer-model", "peer_models", multiple=True,
+              type=click.Choice(["plus-geometry", "qwen3_5_moe", "qwen3_moe", "mixtral"]),
+              help="With --peers: only this model (repeatable; default all four).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results JSON instead of the table.")
 @click.pass_context
 def bench(ctx: click.Context, quick: bool, layers: int | None, tokens: int | None, prompt: str | None,
           k_override: int, cache_gb: float | None, configs: tuple[str, ...], workers: int | None,
-          chunk_kib: int | None, cache_dir: Path | None, out_dir: Path, timeout: float, repeat: int,
-          as_json: bool) -> None:
+          chunk_kib: int | None, cache_dir: Path | None, out_dir: Path, timeout: float, repeat: int | None,
+          peers: bool, peer_models: tuple[str, ...], as_json: bool) -> None:
     """Benchmark the Plus engine: stock, mmap, pread, fanout, fanout+pack(+prefetch), disk and compute bounds."""
     from outlier_runtime.bench.runner import PROMPT, BenchOptions, choose_geometry, run_bench
 
     _writable_dir(out_dir)
+    if peers:
+        from outlier_runtime.bench.peer_bench import PeerBenchOptions, run_peer_bench
+
+        peer_options = PeerBenchOptions(
+            geometry=choose_geometry(quick, layers), tokens=tokens or (32 if quick else 64),
+            rounds=repeat or 5, prompt=prompt or PROMPT, models=peer_models or None, cache_dir=cache_dir,
+            out_dir=out_dir, timeout_s=timeout, command=_command_line(ctx))
+        json_path, md_path, report = run_peer_bench(peer_options, echo=lambda line: click.echo(line, err=True))
+        if as_json:
+            _emit_json(report)
+        else:
+            click.echo(md_path.read_text())
+        click.echo(f"wrote {json_path} and {md_path}", err=True)
+        return
 
     reader_options = {k: v for k, v in {"workers": workers,
                                         "chunk_bytes": chunk_kib * 1024 if chunk_kib else None}.items() if v}
@@ -709,7 +730,7 @@ def bench(ctx: click.Context, quick: bool, layers: int | None, tokens: int | Non
         geometry=choose_geometry(quick, layers), tokens=tokens or (8 if quick else 24), prompt=prompt or PROMPT,
         k_override=k_override, cache_gb=cache_gb, cache_dir=cache_dir, out_dir=out_dir,
         configs=configs or None, reader_options=reader_options, timeout_s=timeout, command=_command_line(ctx),
-        repeat=repeat,
+        repeat=repeat or 1,
     )
     json_path, md_path, report = run_bench(options, echo=lambda line: click.echo(line, err=True))
     if as_json:

@@ -66,7 +66,7 @@ def test_registry_holds_the_builtin_loaders_readers_and_policies():
 
 
 def test_asking_for_an_unregistered_name_lists_the_available_ones():
-    with pytest.raises(PluginError, match=r"Unknown cache policy 'fifo'. Available: .*lfu, lru"):
+    with pytest.raises(PluginError, match=r"Unknown cache policy 'fifo'. Available: .*lfu, lrfu, lru"):
         get_registry().create("cache_policy", "fifo")
 
 

@@ -188,3 +188,11 @@ def test_cli_policies_option_still_picks_the_policies(tmp_path):
                                        "--max-tokens", "64", "--policies", "lru,lfu", "--json"])
     assert result.exit_code == 0, result.output
     assert set(json.loads(result.output)["hit_rate"]) == {"lru", "lfu", "belady"}
+
+
+def test_the_bench_model_routes_its_tokenizers_corpus(tmp_path):
+    from outlier_runtime.bench.routing import held_out_texts
+
+    (tmp_path / "geometry.json").write_text("{}")  # what `outlier bench` writes beside its model
+    texts = held_out_texts(tmp_path)
+    assert texts and all(isinstance(text, str) and text for text in texts)

@@ -29,7 +29,7 @@ import numpy as np
 
 from outlier_runtime.engine.checkpoint import INDEX_FILE, TensorEntry, read_checkpoint
 from outlier_runtime.core.errors import OutlierError
-from outlier_runtime.engine.pack import PACK_DIR, pack_model
+from outlier_runtime.engine.pack import FORMAT_VERSION, PACK_DIR, PACK_INDEX, pack_model
 
 #: Bump when the builder changes what it writes, so cached benchmark models are rebuilt.
 BENCH_MODEL_VERSION = 1
@@ -119,6 +119,13 @@ def benchmark_model(geometry: Geometry, cache_dir: Path, progress: Progress | No
     geometry.check()
     target = cache_dir / f"bench-{geometry.arch}-{geometry.key()}"
     if (target / PACK_DIR / "index.json").exists():
+        if not pack_is_stale(target):
+            return target
+        # A model cached before the pack format changed: the engine would refuse its pack and
+        # silently read the shards instead, so the bench would not measure what it says.
+        if progress:
+            progress("build", 2, 3)
+        pack_model(target, progress=(lambda done, total: progress("pack", done, total)) if progress else None)
         return target
     check_disk(cache_dir, geometry.disk_bytes())
     with _building(target) as tmp:
@@ -149,6 +156,14 @@ def benchmark_model(geometry: Geometry, cache_dir: Path, progress: Progress | No
         if progress:
             progress("build", 3, 3)
     return target
+
+
+def pack_is_stale(model_dir: Path) -> bool:
+    """True when ``model_dir``'s pack was written in another pack format than the engine reads."""
+    try:
+        return json.loads((model_dir / PACK_DIR / PACK_INDEX).read_text()).get("format") != FORMAT_VERSION
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 @contextlib.contextmanager

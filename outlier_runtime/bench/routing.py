@@ -67,6 +67,12 @@ def recording_routes(modules: Sequence[object]) -> Iterator[list[list]]:
 def held_out_texts(model_path: Path) -> list[str]:
     """The validation files named in the model's provenance.json (the demo model's held-out split)."""
     provenance = model_path / "provenance.json"
+    if not provenance.is_file() and (model_path / "geometry.json").is_file():
+        # `outlier bench`'s model (outlier_runtime/bench/model.py): random weights, no training
+        # split; any text of its tokenizer routes the way its random routers route.
+        from outlier_runtime.testing.tiny_models import tokenizer_corpus
+
+        return [path.read_text(encoding="utf-8", errors="replace") for path in tokenizer_corpus() if path.is_file()]
     if not provenance.is_file():
         raise RoutingReportError(
             f"{provenance} not found: pass texts=[...] to routing_report, or use a model trained by "

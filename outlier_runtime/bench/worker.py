@@ -342,6 +342,12 @@ def _warm_up(path: str, prompt: str) -> None:
     mx.reset_peak_memory()
 
 
+def _peer_counters(model: Any) -> dict[str, Any]:
+    from outlier_runtime.bench.peers import boyle_stats
+
+    return boyle_stats(model)
+
+
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     import mlx.core as mx
     import mlx_lm
@@ -361,6 +367,10 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     runtime, stats = None, None
     if spec["kind"] == "stock":
         model, tokenizer = mlx_lm.load(spec["model"])
+    elif spec["kind"] == "peer":  # the exact peer boyle (outlier_runtime/bench/peers.py)
+        from outlier_runtime.bench.peers import load_boyle
+
+        model, tokenizer, peer_info = load_boyle(spec["model"], spec["slots_per_layer"])
     else:
         load = _traced(spec["load"]) if spec.get("trace_out") else spec["load"]
         runtime = outlier_runtime.load("plus", model=spec["model"], force=True, **load)
@@ -373,6 +383,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["kind"] == "resident":
         # The same generation once before: afterwards every expert it touches sits in a slot.
         filled = _generate(model, tokenizer, prompts[0], spec["tokens"], stats, None)
+    peer_before = _peer_counters(model) if spec["kind"] == "peer" else None
     runs = []
     for prompt in prompts:
         evict(files)
@@ -394,6 +405,12 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         "page_cache_after_bytes": cold,
         "runs": runs,
     }
+    if peer_before is not None:
+        after = _peer_counters(model)
+        hits, misses = after["hits"] - peer_before["hits"], after["misses"] - peer_before["misses"]
+        result["peer"] = peer_info
+        result["peer_decode"] = {"hits": hits, "misses": misses,
+                                 "hit_rate": hits / (hits + misses) if hits + misses else 0.0}
     if filled is not None:
         result["fill_run"] = {k: filled[k] for k in ("decode_tps", "tokens")}
     if trace is not None:

@@ -40,6 +40,7 @@ DEFAULT_PLUGINS = {
     "cache_lru": "outlier_cache_lru",
     "cache_lfu": "outlier_cache_lfu",
     "cache_lfru": "outlier_cache_lfru",
+    "cache_lrfu": "outlier_cache_lrfu",
     "readers": "outlier_readers",
     "fanout": "outlier_fanout",
     "prefetch": "outlier_prefetch",

@@ -50,7 +50,11 @@ class Reader(Protocol):
     """Fetches byte ranges of checkpoint files into caller-owned buffers."""
 
     def read(self, requests: Sequence[ReadRequest]) -> None:
-        """Fill every request's ``out`` completely, or raise ``ExpertReadError`` naming the file."""
+        """Fill every request's ``out`` completely, or raise ``ExpertReadError`` naming the file.
+
+        A reader may also offer ``read_background(requests)`` (same contract) for prefetch
+        guesses, served after every ``read``; the engine uses ``read`` where it is missing.
+        """
 
     def close(self) -> None:
         """Release open files and workers."""

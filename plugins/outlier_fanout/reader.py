@@ -14,15 +14,19 @@ Other requests (the nine ranges per expert of mlx shards) go through the page ca
 piece per request by default: splitting a buffered read defeats the kernel's readahead. A
 filesystem that refuses uncached reads (tmpfs, some network filesystems) makes the file
 fall back to buffered reads; ``stats`` counts the bytes read each way and names the method.
+
+Demand reads come first. ``read`` is a step waiting for its experts; ``read_background`` is
+a prefetch guess. The worker threads take pieces from two queues, demand before background,
+so a guess never delays a demand read by more than the one piece a worker is already in.
+The caller of ``read`` reads its own pieces too; a background caller only waits.
 """
 
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from typing import Any, Sequence
 
 import numpy as np
@@ -60,6 +64,21 @@ class _Piece:
         self.offset = offset
         self.view = view
         self.direct = direct
+
+
+class _Job:
+    """The pieces of one read call, taken one at a time by whoever reads them."""
+
+    __slots__ = ("pieces", "next", "remaining", "direct", "buffered", "failures", "done")
+
+    def __init__(self, pieces: list[_Piece]):
+        self.pieces = pieces
+        self.next = 0  # the first piece nobody has taken
+        self.remaining = len(pieces)  # pieces not finished
+        self.direct = 0
+        self.buffered = 0
+        self.failures: list[BaseException] = []
+        self.done = threading.Event()
 
 
 def _address(view: memoryview) -> int:
@@ -103,7 +122,13 @@ class FanoutReader:
         self._files = FileTable(prepare=self._io.prepare_buffered)
         self._direct_files = FileTable(self._io.uncached_open_flags, self._io.prepare_uncached)
         self._refused: set[str] = set()  # files whose filesystem refused uncached reads
-        self._pool: ThreadPoolExecutor | None = None
+        # The worker threads (workers - 1; the caller of a demand read is the last one) and
+        # their two queues of jobs: demand first, then background (prefetch guesses).
+        self._queue = threading.Condition(self._lock)
+        self._demand: deque[_Job] = deque()
+        self._background: deque[_Job] = deque()
+        self._threads: list[threading.Thread] = []
+        self._closing = False
         self._direct_bytes = 0
         self._buffered_bytes = 0
         self._reads = 0
@@ -220,67 +245,128 @@ class FanoutReader:
         return ExpertReadError(f"{path}: file ends before byte {end} (truncated shard or pack? "
                                f"re-download the shard, or rebuild the pack with `outlier pack`)", path)
 
-    def _drain(self, pieces: list[_Piece], counter: "itertools.count[int]",
-               failures: list[BaseException]) -> tuple[int, int]:
-        """Take pieces off the shared counter until none are left (or another worker failed)."""
-        direct = buffered = 0
-        count = len(pieces)
-        while not failures:
-            i = next(counter)  # atomic under the GIL: each piece is taken exactly once
-            if i >= count:
-                break
-            try:
-                d, b = self._read_piece(pieces[i])
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                failures.append(exc)
-                break
-            direct += d
-            buffered += b
-        return direct, buffered
-
     def _advise(self, pieces: list[_Piece]) -> None:
         """Hint the page-cache ranges of a batch, so the kernel reads them while we start."""
         for piece in pieces:
             if not piece.direct and piece.view:
                 self._io.advise(self._files.fd(piece.path), piece.offset, len(piece.view))
 
+    # ------------------------------------------------------------------ scheduling
+
+    def _next_piece(self, own: _Job | None) -> tuple[_Job, int] | None:
+        """A piece to read (lock held): of ``own`` only, or else demand jobs before background ones.
+
+        A job that failed gives up its untaken pieces (they count as finished).
+        """
+        queues = ((own,),) if own is not None else (self._demand, self._background)
+        for queue in queues:
+            for job in list(queue):  # _finish may take a failed job out of its queue
+                if job.failures and job.next < len(job.pieces):
+                    self._finish(job, len(job.pieces) - job.next)
+                    job.next = len(job.pieces)
+                if job.next < len(job.pieces):
+                    job.next += 1
+                    return job, job.next - 1
+        return None
+
+    def _finish(self, job: _Job, pieces: int) -> None:
+        job.remaining -= pieces
+        if job.remaining == 0:
+            for queue in (self._demand, self._background):
+                if job in queue:
+                    queue.remove(job)
+            job.done.set()
+
+    def _read_one(self, job: _Job, index: int) -> None:
+        """Read one piece of ``job`` (lock not held) and account for it."""
+        direct = buffered = 0
+        failure = None
+        try:
+            direct, buffered = self._read_piece(job.pieces[index])
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            failure = exc
+        with self._lock:
+            job.direct += direct
+            job.buffered += buffered
+            if failure is not None:
+                job.failures.append(failure)
+            self._finish(job, 1)
+
+    def _work(self) -> None:
+        """A worker thread: demand pieces first, then background ones, until the reader closes."""
+        while True:
+            with self._queue:
+                taken = self._next_piece(None)
+                while taken is None and not self._closing:
+                    self._queue.wait()
+                    taken = self._next_piece(None)
+                if taken is None:
+                    return
+            self._read_one(*taken)
+
+    def _start_workers(self) -> None:
+        """Start the worker threads on first use (lock held)."""
+        while len(self._threads) < self.workers - 1:
+            thread = threading.Thread(target=self._work, name="outlier-fanout", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    # ------------------------------------------------------------------ reading
+
     def read(self, requests: Sequence[ReadRequest]) -> None:
-        """Fill every request's buffer, in parallel; raises ExpertReadError naming the file."""
+        """Fill every request's buffer, in parallel, ahead of any background read; raises
+        ExpertReadError naming the file."""
+        self._run(requests, background=False)
+
+    def read_background(self, requests: Sequence[ReadRequest]) -> None:
+        """Like ``read``, but every demand read's pieces are read before this one's (prefetches)."""
+        self._run(requests, background=True)
+
+    def _run(self, requests: Sequence[ReadRequest], background: bool) -> None:
         pieces = self._plan(requests)
         if not pieces:
             return
         if self.advise:
             self._advise(pieces)
-        counter = itertools.count()
-        failures: list[BaseException] = []
+        job = _Job(pieces)
         total = sum(len(piece.view) for piece in pieces)
-        helpers = min(self.workers, len(pieces), max(1, total // MIN_BYTES_PER_WORKER)) - 1
-        futures = []
-        if helpers > 0:
-            if self._pool is None:
+        helped = self.workers > 1 and (background or min(len(pieces), total // MIN_BYTES_PER_WORKER) > 1)
+        if helped:
+            with self._queue:
+                if self._closing:
+                    raise ExpertReadError("the fanout reader is closed", None)
+                self._start_workers()
+                (self._background if background else self._demand).append(job)
+                self._queue.notify_all()
+        if not (helped and background):  # a demand caller reads its own pieces too
+            while True:
                 with self._lock:
-                    if self._pool is None:
-                        self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="outlier-fanout")
-            futures = [self._pool.submit(self._drain, pieces, counter, failures) for _ in range(helpers)]
-        results = [self._drain(pieces, counter, failures)]
-        # Wait for every helper even after a failure: none may write into the buffers later.
-        results += [future.result() for future in futures]
+                    taken = self._next_piece(job)
+                if taken is None:
+                    break
+                self._read_one(*taken)
+        # Wait for every piece even after a failure: none may write into the buffers later.
+        job.done.wait()
         with self._lock:
             self._reads += 1
             self._pieces += len(pieces)
-            self._direct_bytes += sum(d for d, _ in results)
-            self._buffered_bytes += sum(b for _, b in results)
-        if failures:
-            for failure in failures:
+            self._direct_bytes += job.direct
+            self._buffered_bytes += job.buffered
+        if job.failures:
+            for failure in job.failures:
                 if isinstance(failure, ExpertReadError) and failure.path:
                     self._forget(failure.path)
-            raise failures[0]
+            raise job.failures[0]
 
     def close(self) -> None:
-        """Stop the worker threads and close every descriptor."""
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
+        """Stop the worker threads (after the reads queued) and close every descriptor."""
+        with self._queue:
+            self._closing = True
+            self._queue.notify_all()
+            threads, self._threads = self._threads, []
+        for thread in threads:
+            thread.join()
+        with self._queue:
+            self._closing = False  # a closed reader may be used again: threads restart on demand
         self._files.close()
         self._direct_files.close()

@@ -44,4 +44,8 @@ class NextLayerLookahead:
         check = getattr(self.prefetcher, "check_ids", None)  # guarded plugins: ids must exist
         if check is not None:
             experts = check(self.layer, experts, self.store.layers[self.layer + 1].layer.num_experts)
-        self.store.prefetch(self.layer + 1, experts)
+        depth = getattr(self.prefetcher, "depth", None)  # most reads of a layer queued at once
+        if depth:
+            self.store.prefetch(self.layer + 1, experts, depth=depth)
+        else:
+            self.store.prefetch(self.layer + 1, experts)

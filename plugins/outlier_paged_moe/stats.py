@@ -31,6 +31,8 @@ class LayerStats:
     prefetched: int = 0
     prefetch_bytes: int = 0
     prefetch_used: int = 0
+    #: Queued prefetches that a step needed before they started: cancelled, read as demand.
+    prefetch_cancelled: int = 0
 
     def add(self, other: "LayerStats") -> None:
         for f in fields(self):
@@ -60,7 +62,7 @@ def snapshot(layers: list[LayerStats], resident: list[int], expert_nbytes: list[
         slot_hit_rate=total.slot_hits / lookups if lookups else 0.0,
         slot_resident_bytes=sum(r["resident_bytes"] for r in per_layer),
         ram_cache_bytes=ram_bytes,
-        prefetch_wasted=total.prefetched - total.prefetch_used,
+        prefetch_wasted=total.prefetched - total.prefetch_used - total.prefetch_cancelled,
         host_syncs_per_call=total.host_syncs / total.calls if total.calls else 0.0,
         read_bandwidth_gbps=total.bytes_read / total.read_seconds / 1e9 if total.read_seconds else 0.0,
     )

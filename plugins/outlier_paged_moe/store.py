@@ -38,6 +38,11 @@ from .stats import LayerStats, snapshot
 log = logging.getLogger(__name__)
 
 EMPTY = -1
+#: Most expert bytes installed (or copied out) per mlx evaluation: a step's updates share one
+#: evaluation up to this, while the host->mx copies waiting for it stay small against cache_gb.
+#: Larger experts (the Plus tier's are 7.5 MiB) go one per evaluation, applied at once, as one
+#: expert's copies always were; an evaluation costs little beside reading one of them.
+EVAL_BATCH_BYTES = 4 * 1024 * 1024
 #: A failed batch read is tried this many times in all before its error reaches the caller.
 READ_ATTEMPTS = 3
 RETRY_BACKOFF_SECONDS = 0.01
@@ -132,22 +137,61 @@ class LayerSlots:
             self.expert_in_slot[slot] = EMPTY
             self.policy.evicted(self.key(expert))
 
-    def install(self, slot: int, expert: int, record: np.ndarray) -> None:
-        """Copy an expert record into ``slot``'s rows, then mark the slot valid."""
-        for buffer, tensor, start in zip(self.buffers, self.layer.tensors, self.layer.record_offsets):
-            # One tensor at a time: the transient host->mx copy is one piece, not the whole record.
-            piece = mx.array(record[start:start + tensor.expert_nbytes])
-            buffer[slot] = piece.view(tensor.dtype).reshape(tensor.expert_shape)  # in place (donated)
-        # Apply the update now: left lazy, every piece of a step's installs would stay alive in
-        # mlx's memory until the layer computes (a whole batch of records outside the bound).
-        mx.eval(self.buffers)
-        self.expert_in_slot[slot] = expert
-        self.slot_of[expert] = slot
+    def _host_views(self) -> bool:
+        """True when numpy can view every slot buffer (not bfloat16, which numpy lacks)."""
+        return all(buffer.dtype != mx.bfloat16 for buffer in self.buffers)
 
-    def copy_out(self, slot: int, record: np.ndarray) -> None:
-        """Copy the expert in ``slot`` back into a record (its bytes as read: installs are exact)."""
-        for buffer, tensor, start in zip(self.buffers, self.layer.tensors, self.layer.record_offsets):
-            record[start:start + tensor.expert_nbytes] = np.asarray(buffer[slot].view(mx.uint8)).reshape(-1)
+    def _batches(self, items: list) -> list[list]:
+        """``items`` (one expert each) in runs of at most EVAL_BATCH_BYTES of experts (at least one)."""
+        per_batch = max(1, EVAL_BATCH_BYTES // max(1, self.layer.expert_nbytes))
+        return [items[i:i + per_batch] for i in range(0, len(items), per_batch)]
+
+    def install_many(self, placements: list[tuple[int, int, np.ndarray]]) -> None:
+        """Copy each ``(slot, expert, record)`` into its slot's rows, then mark the slots valid.
+
+        Not one mlx evaluation per expert: on this CPU an evaluation costs ~0.2-0.7 ms, more than
+        reading a small expert. Updates go in batches of at most EVAL_BATCH_BYTES (until applied,
+        each update's host->mx copy stays alive in mlx's memory, outside the bound); each batch
+        is applied at once, except a last one within EVAL_BATCH_BYTES: that one is applied with
+        the layer's own computation, which reads the slots next (mlx orders an array's update
+        before its readers).
+        """
+        batches = self._batches(placements)
+        lazy_last = len(batches[-1]) * self.layer.expert_nbytes <= EVAL_BATCH_BYTES if batches else False
+        for number, batch in enumerate(batches):
+            for slot, _, record in batch:
+                for buffer, tensor, start in zip(self.buffers, self.layer.tensors, self.layer.record_offsets):
+                    # One tensor at a time: the transient host->mx copy is one piece, not the whole record.
+                    piece = mx.array(record[start:start + tensor.expert_nbytes])
+                    buffer[slot] = piece.view(tensor.dtype).reshape(tensor.expert_shape)  # in place (donated)
+            if number + 1 < len(batches) or not lazy_last:
+                mx.eval(self.buffers)
+            for slot, expert, _ in batch:
+                self.expert_in_slot[slot] = expert
+                self.slot_of[expert] = slot
+
+    def copy_out_many(self, copies: list[tuple[int, np.ndarray]]) -> None:
+        """Copy the expert in each ``(slot, record)``'s slot into the record (its bytes as read:
+        installs are exact), one evaluation per batch."""
+        if not copies:
+            return
+        mx.eval(self.buffers)  # pending installs applied (a no-op when none are)
+        if self._host_views():
+            # Evaluated mlx arrays expose their memory to numpy without a copy or an evaluation:
+            # copy each expert's rows straight out of it.
+            for buffer, tensor, start in zip(self.buffers, self.layer.tensors, self.layer.record_offsets):
+                host = np.asarray(buffer).view(np.uint8).reshape(self.num_slots, -1)
+                for slot, record in copies:
+                    record[start:start + tensor.expert_nbytes] = host[slot]
+            return
+        for batch in self._batches(copies):  # bfloat16 has no numpy view: gather the rows in mlx
+            index = mx.array([slot for slot, _ in batch], dtype=mx.uint32)
+            rows = [buffer[index].view(mx.uint8).reshape(len(batch), -1) for buffer in self.buffers]
+            mx.eval(rows)
+            for row, tensor, start in zip(rows, self.layer.tensors, self.layer.record_offsets):
+                host = np.asarray(row)
+                for i, (_, record) in enumerate(batch):
+                    record[start:start + tensor.expert_nbytes] = host[i]
 
 
 def _verify(layer: ExpertLayer, expert: int, record: np.ndarray) -> None:
@@ -238,9 +282,10 @@ class ExpertStore:
                     targets = self._victim_slots(slots, set(wanted), len(missing))
                 records = self._fetch(slots.layer, missing, stats)  # raises before any slot changes
                 try:
-                    for expert, slot in zip(missing, targets):
-                        self._evict_to_ram(slots, slot, stats)
-                        slots.install(slot, expert, records[expert])
+                    # All of a step's evictions, then all of its installs: each a batched update.
+                    self._evict_to_ram(slots, targets, stats)
+                    slots.install_many([(slot, expert, records[expert]) for expert, slot in zip(missing, targets)])
+                    for expert in missing:
                         slots.policy.accessed(slots.key(expert))
                 finally:
                     for record in records.values():
@@ -257,22 +302,30 @@ class ExpertStore:
             free.append(slots.slot_of[victim_key[1]])
         return free
 
-    def _evict_to_ram(self, slots: LayerSlots, slot: int, stats: LayerStats) -> None:
-        """Empty ``slot``; its expert's bytes move to the RAM cache when there is room for them."""
-        expert = slots.expert_in_slot[slot]
-        if expert == EMPTY:
-            return
+    def _evict_to_ram(self, slots: LayerSlots, targets: list[int], stats: LayerStats) -> None:
+        """Empty the ``targets`` slots; their experts' bytes move to the RAM cache where there is room."""
         stride = record_stride(slots.layer.read_nbytes)
-        key = slots.key(expert)
-        if self.ram.budget and key not in self.ram and self.ram.make_room(stride):
-            record = self.pool.take(stride)
-            slots.copy_out(slot, record)
+        moving: list[tuple[int, Hashable, np.ndarray]] = []
+        try:
+            for slot in targets:
+                expert = slots.expert_in_slot[slot]
+                if expert == EMPTY:
+                    continue
+                key = slots.key(expert)
+                if self.ram.budget and key not in self.ram and self.ram.make_room(stride):
+                    moving.append((slot, key, self.pool.take(stride)))
+                else:
+                    slots.evict(slot)
+                stats.evictions += 1
+            slots.copy_out_many([(slot, record) for slot, _, record in moving])
+        except BaseException:
+            for _, _, record in moving:
+                self.pool.give(record)
+            raise
+        for slot, key, record in moving:
             slots.evict(slot)
             self.ram.put(key, record)
             stats.victims_cached += 1
-        else:
-            slots.evict(slot)
-        stats.evictions += 1
 
     def _take(self, layer: ExpertLayer) -> np.ndarray:
         """A record buffer for ``layer``, after making room for it in the budget."""
@@ -289,17 +342,20 @@ class ExpertStore:
         self._harvest_prefetches()
         records: dict[int, np.ndarray] = {}
         to_read = []
+        running: dict[int, tuple[np.ndarray, Future]] = {}
         try:
             for expert in experts:
                 key = (layer.index, expert)
                 pending = self._inflight.pop(key, None)
                 if pending is not None:
-                    record = self._finished(pending)  # waits for the read; a failed one is read again below
-                    if record is not None:
-                        records[expert] = record
-                        stats.ram_hits += 1
-                        stats.prefetch_used += 1
-                        continue
+                    if pending[1].cancel():
+                        # Still queued behind other guesses: read it now, on the demand path.
+                        self.pool.give(pending[0])
+                        stats.prefetch_cancelled += 1
+                        to_read.append(expert)
+                    else:
+                        running[expert] = pending  # being read: collected after the demand reads start
+                    continue
                 record = self.ram.take(key)
                 if record is not None:
                     records[expert] = record
@@ -318,13 +374,29 @@ class ExpertStore:
                 stats.read_seconds += time.perf_counter() - started
                 stats.misses += len(to_read)
                 stats.bytes_read += layer.expert_nbytes * len(to_read)
+            for expert, pending in list(running.items()):
+                del running[expert]
+                record = self._finished(pending)  # waits for the read; a failed one is read again
+                if record is None:
+                    buffers = {expert: self._take(layer)}
+                    records.update(buffers)
+                    self._read(layer, buffers)
+                    stats.misses += 1
+                    stats.bytes_read += layer.expert_nbytes
+                else:
+                    records[expert] = record
+                    stats.ram_hits += 1
+                    stats.prefetch_used += 1
         except BaseException:
             for record in records.values():
                 self.pool.give(record)
+            for record, future in running.values():  # never hand back a buffer still being read into
+                if self._finished((record, future)) is not None:
+                    self.pool.give(record)
             raise
         return records
 
-    def _read(self, layer: ExpertLayer, buffers: dict[int, np.ndarray]) -> None:
+    def _read(self, layer: ExpertLayer, buffers: dict[int, np.ndarray], background: bool = False) -> None:
         """Read whole expert records into ``buffers``, retrying a failed batch a bounded number of times.
 
         Disks and network filesystems fail transiently (EIO, short reads); a file that is
@@ -332,30 +404,37 @@ class ExpertStore:
         """
         for attempt in range(READ_ATTEMPTS):
             try:
-                return self._read_once(layer, buffers)
+                return self._read_once(layer, buffers, background)
             except ExpertReadError:
                 if attempt + 1 == READ_ATTEMPTS:
                     raise
                 self.read_retries += 1
                 time.sleep(RETRY_BACKOFF_SECONDS * (attempt + 1))
 
-    def _read_once(self, layer: ExpertLayer, buffers: dict[int, np.ndarray]) -> None:
-        """Read whole expert records in one reader call (thread safe: touches no cache state)."""
+    def _read_once(self, layer: ExpertLayer, buffers: dict[int, np.ndarray], background: bool = False) -> None:
+        """Read whole expert records in one reader call (thread safe: touches no cache state).
+
+        ``background``: a prefetch, read with the reader's ``read_background`` where it has one
+        (the fanout reader then serves every demand read first).
+        """
         requests = []
         for expert, buffer in buffers.items():
             view = memoryview(buffer)
             for path, offset, length, start in layer.read_ranges(expert):
                 requests.append(ReadRequest(path, offset, length, view[start:start + length]))
-        self.reader.read(requests)
+        read = getattr(self.reader, "read_background", None) if background else None
+        (read if callable(read) else self.reader.read)(requests)
         if self.verify_checksums:
             for expert, buffer in buffers.items():
                 _verify(layer, expert, buffer[:layer.expert_nbytes])
 
-    def prefetch(self, layer_number: int, experts: Iterable[int]) -> None:
+    def prefetch(self, layer_number: int, experts: Iterable[int], depth: int | None = None) -> None:
         """Start reading experts of a layer that will probably be needed soon, in the background.
 
         Each read takes a record within the budget first (never evicting more than the RAM
-        cache holds), and at most one slot-count of reads per layer is in flight.
+        cache holds), and at most ``depth`` reads per layer (default: its slot count) are
+        queued or in flight. A queued read that a step needs first is cancelled and read
+        on the demand path (``_fetch``).
         """
         if self.ram.budget == 0:
             return
@@ -368,7 +447,7 @@ class ExpertStore:
                 int(e) for e in experts
                 if int(e) not in slots.slot_of and (layer_number, int(e)) not in self._inflight
                 and (layer_number, int(e)) not in self.ram
-            ][:max(0, slots.num_slots - in_flight)]
+            ][:max(0, (depth or slots.num_slots) - in_flight)]
             if not wanted:
                 return
             if self._executor is None:
@@ -379,7 +458,7 @@ class ExpertStore:
                 if not self.ram.make_room(stride):
                     break  # a guess never pushes the engine past its budget
                 record = self.pool.take(stride)
-                future = self._executor.submit(self._read, layer, {expert: record})
+                future = self._executor.submit(self._read, layer, {expert: record}, True)
                 self._inflight[(layer_number, expert)] = (record, future)
                 stats.prefetched += 1
                 stats.prefetch_bytes += layer.expert_nbytes

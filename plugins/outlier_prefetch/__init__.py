@@ -26,9 +26,13 @@ class NextLayerRouterPrefetcher:
         extra: int = Field(default=0, ge=0, description="Experts to read beyond the router's top-k.")
         max_tokens: int = Field(default=1, ge=1,
                                 description="Guess only for steps of at most this many tokens (decode).")
+        depth: int = Field(default=0, ge=0,
+                           description="Most guessed reads of a layer queued or in flight at once "
+                                       "(0: the layer's slot count).")
 
-    def __init__(self, extra: int = 0, max_tokens: int = 1):
+    def __init__(self, extra: int = 0, max_tokens: int = 1, depth: int = 0):
         self.extra = extra
+        self.depth = depth
         # Only decode steps (few tokens) are worth guessing for; prefill reads everything anyway.
         self.max_tokens = max_tokens
 
