@@ -165,3 +165,63 @@ def test_max_batch_is_checked():
     assert result.exit_code == 2 and "--max-batch" in result.output and "65" in result.output
     flag = next(p for p in cli.serve.params if p.name == "max_batch")
     assert flag.default == ServerConfig().max_batch and flag.type.max == MAX_BATCH_LIMIT
+
+
+@pytest.fixture
+def served_tools(tiny_cache):
+    """(base_url, model host) of an in-process server whose tier lite is the tiny tool-calling llama."""
+    from outlier_runtime.testing.tool_model import tool_calling_model
+
+    port = free_port()
+    config = ServerConfig(port=port, force=True, preload="lite", max_batch=8,
+                          tier_overrides={"lite": {"model": str(tool_calling_model(cache_dir=tiny_cache))}})
+    app = create_app(config)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    host = app.state.host
+    _wait(lambda: server.started and host.loaded_tier == "lite", "the server to start and load lite")
+    yield f"http://127.0.0.1:{port}/v1", host
+    server.should_exit = True
+    thread.join(DEADLINE)
+
+
+def test_tool_calls_are_parsed_from_batched_replies_and_logprobs_requests_run_alone(served_tools):
+    from outlier_runtime.testing.tool_model import FORCED_CALL
+
+    base_url, host = served_tools
+    tools = [{"type": "function", "function": {"name": FORCED_CALL["name"], "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=DEADLINE)
+
+    def call(stream: bool, logprobs: bool = False):
+        reply = client.chat.completions.create(model="outlier-lite", messages=ask, tools=tools, temperature=0,
+                                               max_tokens=16, stream=stream, logprobs=logprobs or None)
+        if not stream:
+            return reply.choices[0].finish_reason, reply.choices[0].message.tool_calls, reply.choices[0].logprobs
+        finish, names = None, ""
+        for chunk in reply:
+            finish = chunk.choices[0].finish_reason or finish
+            names += "".join(c.function.name or "" for c in chunk.choices[0].delta.tool_calls or [])
+        return finish, names, None
+
+    gate = threading.Event()
+    host._worker.submit(gate.wait, DEADLINE)  # hold the worker until every request is queued
+    with ThreadPoolExecutor(4) as pool:
+        futures = []
+        for stream, logprobs in [(False, False), (True, False), (False, False), (False, True)]:
+            queued = host.counters["requests"]
+            futures.append(pool.submit(call, stream, logprobs))
+            _wait(lambda: host.counters["requests"] == queued + 1, "the request to be queued")
+        gate.set()
+        (f1, calls1, _), (f2, names2, _), (f3, calls3, _), (f4, calls4, logprobs4) = (
+            f.result(timeout=DEADLINE) for f in futures)
+    assert f1 == f2 == f3 == f4 == "tool_calls"
+    for calls in (calls1, calls3, calls4):
+        (one,) = calls
+        assert one.function.name == FORCED_CALL["name"]
+    assert names2 == FORCED_CALL["name"]
+    assert logprobs4 is not None and logprobs4.content  # logprobs: generated alone, values present
+    batching = _stats(base_url)["batching"]
+    assert batching["largest_batch"] == 3 and batching["unbatched_requests"] == 1
