@@ -434,18 +434,33 @@ def demo(prompt: str, max_tokens: int, k_override: int, cache_gb: float, reader:
 @click.option("--allow-download", is_flag=True,
               help="Let a request for a tier that is not downloaded download it (else: 503, run `outlier pull`).")
 @_paging_options
-def serve(host: str, port: int, api_key: str | None, preload: str | None, tier_overrides: tuple[str, ...],
-          allowed_hosts: tuple[str, ...], max_connections: int, prompt_cache_gb: float, allow_download: bool,
-          model: str | None, k_override: int | None, cache_gb: float | None, reader: str | None,
-          cache_policy: str | None, mmap_experts: bool | None, experts_per_token: int | None,
-          prefetcher: str | None, settings: tuple[str, ...], force: bool) -> None:
+@click.option("--hostfile", type=click.Path(dir_okay=False),
+              help="Serve a pipeline across the hosts of this mlx.launch hostfile: rank 0 serves HTTP, "
+                   "the others follow it (docs/distributed.md).")
+@click.option("--backend", type=click.Choice(["ring", "mpi", "jaccl"]),
+              help="With --hostfile: the mlx.distributed backend (default: the hostfile's, else ring).")
+@click.option("--starting-port", type=click.IntRange(1024, 65534),
+              help="With --hostfile and the ring backend: the first TCP port (mlx.launch's default 32323).")
+@click.pass_context
+def serve(ctx: click.Context, host: str, port: int, api_key: str | None, preload: str | None,
+          tier_overrides: tuple[str, ...], allowed_hosts: tuple[str, ...], max_connections: int,
+          prompt_cache_gb: float, allow_download: bool, model: str | None, k_override: int | None,
+          cache_gb: float | None, reader: str | None, cache_policy: str | None, mmap_experts: bool | None,
+          experts_per_token: int | None, prefetcher: str | None, settings: tuple[str, ...], force: bool,
+          hostfile: str | None, backend: str | None, starting_port: int | None) -> None:
     """Serve the tiers over an OpenAI-compatible HTTP API (models `outlier-<tier>`)."""
+    from outlier_runtime.core.peers import launched_rank
     from outlier_runtime.serve.server import ServerConfig, check_bind, parse_tier_overrides, serve as run_server
 
     overrides = parse_tier_overrides(tier_overrides)
     _check_model_paths(overrides)
     check_bind(host, api_key or None)  # the policy first: a refused host is reported as such
-    _check_port_free(host, port)
+    if hostfile is not None:
+        from outlier_runtime import launcher
+
+        sys.exit(launcher.launch(hostfile, backend, starting_port, launcher.rank_argv(ctx), rank_0_stops=True))
+    if launched_rank() in (None, 0):  # a follower rank binds nothing
+        _check_port_free(host, port)
     if model is not None:
         if preload is None:
             raise click.UsageError("--model needs --tier: which tier should serve it?")

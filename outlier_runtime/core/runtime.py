@@ -38,6 +38,23 @@ def load(tier: str, *, force: bool = False, **overrides: Any) -> "Runtime":
 
     ``force=True`` loads even when the machine has less RAM than the tier asks for.
     """
+    manifest, model_path, plan = admit(tier, force=force, **overrides)
+    registry = get_registry()
+    loader = registry.create("loader", manifest.loader.name)
+    log.info("loading tier %s from %s with loader %s", manifest.name, model_path, manifest.loader.name)
+    started = time.perf_counter()
+    loaded = registry.get("loader", manifest.loader.name).guard.call(
+        "load", loader.load, LoadRequest(manifest, model_path, manifest.loader_options))
+    log.info("loaded in %.2f s", time.perf_counter() - started)
+    runtime = Runtime(manifest, loaded)
+    runtime.memory_plan = plan
+    return runtime
+
+
+def admit(tier: str, *, force: bool = False, **overrides: Any) -> tuple[TierManifest, Any, MemoryPlan | None]:
+    """What :func:`load` checks before loading anything: the tier resolves, its model is on disk
+    and this machine admits it. Returns the manifest, the model's path and the memory plan (None
+    for loaders without one); raises the error ``load`` would."""
     check_env_flags()
     # Generation defaults given as overrides get the same check (and message) as per-call values.
     check_generation(**{k: overrides[k] for k in GENERATION_OVERRIDES if overrides.get(k) is not None})
@@ -56,15 +73,7 @@ def load(tier: str, *, force: bool = False, **overrides: Any) -> "Runtime":
     else:
         check_admission(manifest, force=force)
         model_path = resolve_model(manifest.model, manifest.name)
-    loader = registry.create("loader", manifest.loader.name)
-    log.info("loading tier %s from %s with loader %s", manifest.name, model_path, manifest.loader.name)
-    started = time.perf_counter()
-    loaded = registry.get("loader", manifest.loader.name).guard.call(
-        "load", loader.load, LoadRequest(manifest, model_path, manifest.loader_options))
-    log.info("loaded in %.2f s", time.perf_counter() - started)
-    runtime = Runtime(manifest, loaded)
-    runtime.memory_plan = plan
-    return runtime
+    return manifest, model_path, plan
 
 
 class Runtime:

@@ -68,7 +68,7 @@ class ModelHost:
     """Holds the one resident Runtime and runs all model work on a single worker thread."""
 
     def __init__(self, load_overrides: Callable[[str], dict[str, Any]] = lambda tier: {}, force: bool = False,
-                 prompt_cache_bytes: int = 0, allow_download: bool = False):
+                 prompt_cache_bytes: int = 0, allow_download: bool = False, pipeline: Any = None):
         self._load_overrides = load_overrides  # tier -> keyword overrides for load()
         self._force = force
         #: Whether a request may load a tier whose weights must be downloaded first.
@@ -84,6 +84,9 @@ class ModelHost:
         self.counters = {"requests": 0, "completed": 0, "failed": 0, "cancelled": 0, "refused_busy": 0,
                          "prompt_tokens": 0, "generation_tokens": 0}
         self.last_stats: dict[str, Any] | None = None
+        #: A PipelineLeader when this is rank 0 of a served pipeline: every load, generation and
+        #: shutdown runs on every rank (serve/pipeline_work.py); None in one process.
+        self.pipeline = pipeline
 
     @property
     def loaded_tier(self) -> str | None:
@@ -142,7 +145,7 @@ class ModelHost:
         with self._jobs_lock:
             for job in self._jobs:
                 job.cancelled.set()
-        done = self._worker.submit(self._unload)
+        done = self._worker.submit(self._shutdown)
         self._worker.shutdown(wait=False, cancel_futures=False)
         try:
             done.result(timeout=timeout)
@@ -159,6 +162,11 @@ class ModelHost:
                 "entries": len(cache), "bytes": cache.nbytes, "max_bytes": cache.max_bytes}
 
     # Everything below runs on the worker thread only.
+
+    def _shutdown(self) -> None:
+        if self.pipeline is None or self.pipeline.shutdown():  # the followers close theirs with ours
+            self._unload()
+        self._runtime = None  # a lost follower: closing would wait for it
 
     def _unload(self) -> None:
         if self._runtime is not None:
@@ -177,6 +185,9 @@ class ModelHost:
         import outlier_runtime
 
         if self._runtime is None or self._runtime.name != tier:
+            if self.pipeline is not None:
+                self._runtime = self.pipeline.switch(tier, self._unload)
+                return self._runtime
             self._unload()
             self._runtime = outlier_runtime.load(tier, force=self._force, **self._load_overrides(tier))
         return self._runtime
@@ -208,8 +219,11 @@ class ModelHost:
             prompt_tokens = len(tokens)
             budget = token_budget(runtime, prompt_tokens, job.max_tokens, job.prompt_param)
             job.emit("started", prompt_tokens)
-            with contextlib.closing(self.prompt_cache.stream(runtime, tokens, max_tokens=budget,
-                                                             **job.options)) as chunks:
+            if self.pipeline is not None:  # every rank runs it; the prompt cache is off
+                generation = self.pipeline.stream(runtime, tokens, budget, job.options, job.cancelled.is_set)
+            else:
+                generation = self.prompt_cache.stream(runtime, tokens, max_tokens=budget, **job.options)
+            with contextlib.closing(generation) as chunks:
                 for chunk in chunks:
                     job.emit("chunk", chunk.text)
                     if job.cancelled.is_set():

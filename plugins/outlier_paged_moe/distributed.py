@@ -12,10 +12,8 @@ and never reads another rank's experts.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from typing import Any
 import mlx.core as mx
 
 from outlier_runtime.core.errors import CheckpointError, DistributedError, ParameterError
+from outlier_runtime.core.peers import is_peer_lost, launch_hosts, lost_peer_error
 from outlier_runtime.core.system import peak_rss_bytes
 from outlier_runtime.engine.checkpoint import TensorEntry
 
@@ -33,9 +32,6 @@ log = logging.getLogger(__name__)
 #: Each rank's figures gathered to every rank after a generation, in this order (one int64 each).
 RANK_FIELDS = ("rank", "layer_start", "layer_end", "moe_layers", "lookups", "slot_hits", "ram_hits", "misses",
                "bytes_read", "read_microseconds", "evictions", "peak_rss_bytes")
-
-#: Phrases of mlx's distributed backends when a peer is gone (the ring backend: "[ring] ...").
-_PEER_LOST = re.compile(r"\[(ring|mpi|jaccl|nccl)\]|connection to a peer|closed by the peer", re.IGNORECASE)
 
 
 @dataclass
@@ -140,14 +136,10 @@ class PipelineShard:
 
     def explain_error(self, exc: BaseException) -> DistributedError | None:
         """A lost peer as one line naming this rank and the peer(s); other errors unchanged."""
-        if not isinstance(exc, RuntimeError) or not _PEER_LOST.search(str(exc)):
+        if not is_peer_lost(exc):
             return None
         self.peer_lost = True
-        peers = " or ".join(f"rank {r} ({self.host_of(r)})" for r in self.peers())
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return DistributedError(
-            f"rank {self.rank} of {self.size} ({self.host_of(self.rank)}): lost pipeline peer {peers}: {first}; "
-            f"that rank exited or cannot be reached: see its output, then start every rank again")
+        return lost_peer_error(self.rank, self.size, self.hosts, self.peers(), exc)
 
 
 def model_fingerprint(path: Any, entries: dict[str, TensorEntry]) -> bytes:
@@ -158,17 +150,6 @@ def model_fingerprint(path: Any, entries: dict[str, TensorEntry]) -> bytes:
         entry = entries[name]
         digest.update(repr((name, entry.dtype, tuple(entry.shape), entry.nbytes, Path(entry.path).name)).encode())
     return digest.digest()
-
-
-def _hosts() -> list[str]:
-    """The ranks' addresses from the hostfile mlx.launch wrote for the ring backend, if any."""
-    path = os.environ.get("MLX_HOSTFILE")
-    try:
-        with open(path or "", encoding="utf-8") as handle:
-            ranks = json.load(handle)
-        return [", ".join(addresses) if isinstance(addresses, list) else str(addresses) for addresses in ranks]
-    except (OSError, ValueError, TypeError):
-        return []
 
 
 def pipeline_model(model: Any) -> Any:
@@ -199,4 +180,4 @@ def split_pipeline(model: Any, options: PagedMoEOptions, path: Any) -> PipelineS
         raise ParameterError(f"{group.size()} ranks for a model of {num_layers} layers: launch at most "
                              f"{num_layers} ranks", "distributed")
     inner.pipeline(group, split=split)
-    return PipelineShard(group, group.rank(), group.size(), inner.start_idx, inner.end_idx, num_layers, _hosts())
+    return PipelineShard(group, group.rank(), group.size(), inner.start_idx, inner.end_idx, num_layers, launch_hosts())
