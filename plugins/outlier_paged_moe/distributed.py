@@ -158,6 +158,48 @@ def pipeline_model(model: Any) -> Any:
     return inner if inner is not None and callable(getattr(inner, "pipeline", None)) else None
 
 
+def _join(options: PagedMoEOptions) -> Any:
+    """The mlx.distributed group of this job (one rank when not launched); mlx keeps it once joined."""
+    try:
+        return mx.distributed.init(backend=options.distributed_backend)
+    except RuntimeError as exc:
+        raise DistributedError(f"paging.distributed = \"pipeline\": mlx.distributed cannot start the "
+                               f"{options.distributed_backend!r} backend ({exc}); launch the ranks with mlx.launch "
+                               f"(docs/distributed.md)") from None
+
+
+def _check_split(options: PagedMoEOptions, size: int, num_layers: int) -> None:
+    split = options.pipeline_split
+    if split is not None and (len(split) != size or sum(split) != num_layers):
+        raise ParameterError(f"paging.pipeline_split = {split}: needs {size} entries (one per rank) "
+                             f"summing to the model's {num_layers} layers", "pipeline_split")
+    if size > num_layers:
+        raise ParameterError(f"{size} ranks for a model of {num_layers} layers: launch at most "
+                             f"{num_layers} ranks", "distributed")
+
+
+def pipeline_layers(num_layers: int, size: int, rank: int, split: list[int] | None = None) -> range:
+    """The layers rank ``rank`` of ``size`` runs, by the arithmetic of mlx-lm's ``pipeline()``: an
+    even split with the extra layers on the low ranks (or ``split``), in reverse, so rank 0 runs
+    the last layers. The memory plan needs it before the model exists; a test compares it with
+    the layers the model's own split gives."""
+    if split is None:
+        base, extra = divmod(num_layers, size)
+        split = [base + (1 if r < extra else 0) for r in range(size)]
+    start = sum(split[rank + 1:])
+    return range(start, start + split[rank])
+
+
+def planned_layers(options: PagedMoEOptions, num_layers: int) -> tuple[range, int, int] | None:
+    """For the memory plan: this rank's layers, rank and group size under ``distributed =
+    "pipeline"`` (joining the group, as loading would), else None."""
+    if options.distributed != "pipeline":
+        return None
+    group = _join(options)
+    _check_split(options, group.size(), num_layers)
+    return pipeline_layers(num_layers, group.size(), group.rank(), options.pipeline_split), group.rank(), group.size()
+
+
 def split_pipeline(model: Any, options: PagedMoEOptions, path: Any) -> PipelineShard:
     """Join the distributed group and keep only this rank's layers in ``model`` (nothing is read)."""
     inner = pipeline_model(model)
@@ -165,19 +207,8 @@ def split_pipeline(model: Any, options: PagedMoEOptions, path: Any) -> PipelineS
         raise CheckpointError(
             f"{path}: mlx-lm's {type(model).__module__} model has no pipeline(group) split; "
             f"unset paging.distributed for it", str(path))
-    try:
-        group = mx.distributed.init(backend=options.distributed_backend)
-    except RuntimeError as exc:
-        raise DistributedError(f"paging.distributed = \"pipeline\": mlx.distributed cannot start the "
-                               f"{options.distributed_backend!r} backend ({exc}); launch the ranks with mlx.launch "
-                               f"(docs/distributed.md)") from None
+    group = _join(options)
     num_layers = len(inner.layers)
-    split = options.pipeline_split
-    if split is not None and (len(split) != group.size() or sum(split) != num_layers):
-        raise ParameterError(f"paging.pipeline_split = {split}: needs {group.size()} entries (one per rank) "
-                             f"summing to the model's {num_layers} layers", "pipeline_split")
-    if group.size() > num_layers:
-        raise ParameterError(f"{group.size()} ranks for a model of {num_layers} layers: launch at most "
-                             f"{num_layers} ranks", "distributed")
-    inner.pipeline(group, split=split)
+    _check_split(options, group.size(), num_layers)
+    inner.pipeline(group, split=options.pipeline_split)
     return PipelineShard(group, group.rank(), group.size(), inner.start_idx, inner.end_idx, num_layers, launch_hosts())
