@@ -275,13 +275,14 @@ def _print_stats(result: Any, prefix: str = "") -> None:
 def _print_ranks(ranks: list[dict[str, Any]], prefix: str) -> None:
     """Every pipeline rank's totals, gathered to rank 0 after the generation: one row per rank."""
     click.echo(f"{prefix}-- every rank (gathered to rank 0):", err=True)
-    click.echo(f"{prefix}   rank  layers     lookups  slot hits  RAM hits   misses   read MB  read s  peak RSS GB",
-               err=True)
+    click.echo(f"{prefix}   rank  layers     lookups  slot hits  RAM hits   misses   read MB  read s  peak RSS GB"
+               f"  layers s  wait s", err=True)
     for row in ranks:
         start, end = row["layers"]
         click.echo(f"{prefix}   {row['rank']:>4}  {start:>3}-{end - 1:<4} {row['lookups']:>9} {row['slot_hits']:>10} "
                    f"{row['ram_hits']:>9} {row['misses']:>8} {row['bytes_read'] / 1e6:>9.1f} "
-                   f"{row['read_seconds']:>7.3f} {row['peak_rss_bytes'] / 1e9:>12.2f}", err=True)
+                   f"{row['read_seconds']:>7.3f} {row['peak_rss_bytes'] / 1e9:>12.2f} {row['layers_seconds']:>9.3f} "
+                   f"{row['wait_seconds']:>7.3f}", err=True)
 
 
 def _run(tier: str, prompt: str, overrides: dict[str, Any], force: bool, generation: dict[str, Any],

@@ -108,6 +108,8 @@ def test_every_ranks_stats_are_gathered_to_rank_0(tiny, tmp_path):
         assert row["layers"] == own["config"]["distributed"]["layers"]
         assert row["moe_layers"] == len(own["layers"])
         assert row["bytes_read"] > 0 and row["peak_rss_bytes"] > 0
+        # Each rank timed its own layers and its waits for the other rank apart.
+        assert row["layers_seconds"] > 0 and row["wait_seconds"] > 0
     assert ranks[1]["engine"]["ranks"] == gathered  # an all_gather: every rank holds the same list
     num_layers = ranks[0]["engine"]["config"]["distributed"]["num_layers"]
     covered = sorted(layer for row in gathered for layer in range(*row["layers"]))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,14 @@ from outlier_runtime.core.system import peak_rss_bytes
 from outlier_runtime.engine.checkpoint import TensorEntry
 
 from .options import PagedMoEOptions
+from .stage_timer import StageTimer
 
 log = logging.getLogger(__name__)
 
 #: Each rank's figures gathered to every rank after a generation, in this order (one int64 each).
 RANK_FIELDS = ("rank", "layer_start", "layer_end", "moe_layers", "lookups", "slot_hits", "ram_hits", "misses",
-               "bytes_read", "read_microseconds", "evictions", "peak_rss_bytes")
+               "bytes_read", "read_microseconds", "evictions", "peak_rss_bytes", "wait_microseconds",
+               "layers_microseconds")
 
 
 @dataclass
@@ -47,6 +49,8 @@ class PipelineShard:
     hosts: list[str]
     #: Set once a peer is known to be gone: no more collective calls (they would wait forever).
     peer_lost: bool = False
+    #: Time waiting for the pipeline, apart from this rank's own layers (see stage_timer.py).
+    timer: StageTimer = field(default_factory=StageTimer)
 
     def info(self) -> dict[str, Any]:
         return {"strategy": "pipeline", "rank": self.rank, "size": self.size,
@@ -103,6 +107,8 @@ class PipelineShard:
         mine = {"rank": self.rank, "layer_start": self.start, "layer_end": self.end,
                 "moe_layers": len(engine["layers"]), "read_microseconds": round(total["read_seconds"] * 1e6),
                 "peak_rss_bytes": peak_rss_bytes(),
+                "wait_microseconds": round(self.timer.wait_seconds * 1e6),
+                "layers_microseconds": round(self.timer.layers_seconds * 1e6),
                 **{name: total[name] for name in ("lookups", "slot_hits", "ram_hits", "misses", "bytes_read",
                                                   "evictions")}}
         try:
@@ -116,6 +122,8 @@ class PipelineShard:
         for row in ranks:
             row["layers"] = [row.pop("layer_start"), row.pop("layer_end")]
             row["read_seconds"] = row.pop("read_microseconds") / 1e6
+            row["wait_seconds"] = row.pop("wait_microseconds") / 1e6
+            row["layers_seconds"] = row.pop("layers_microseconds") / 1e6
             row["host"] = self.host_of(row["rank"])
         return {**engine, "ranks": ranks}
 
@@ -211,4 +219,7 @@ def split_pipeline(model: Any, options: PagedMoEOptions, path: Any) -> PipelineS
     num_layers = len(inner.layers)
     _check_split(options, group.size(), num_layers)
     inner.pipeline(group, split=options.pipeline_split)
-    return PipelineShard(group, group.rank(), group.size(), inner.start_idx, inner.end_idx, num_layers, launch_hosts())
+    shard = PipelineShard(group, group.rank(), group.size(), inner.start_idx, inner.end_idx, num_layers, launch_hosts())
+    if shard.size > 1:  # one rank waits for nobody: no extra evaluations
+        shard.timer.install(inner.layers[shard.start], inner.layers[shard.end - 1])
+    return shard

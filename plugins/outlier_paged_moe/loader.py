@@ -185,6 +185,10 @@ class PagedMoELoader:
             shard.finish()
             store.close()
 
-        return LoadedModel(model=model, tokenizer=tokenizer, stats=store.snapshot, reset_stats=store.reset_stats,
+        def reset_stats() -> None:
+            store.reset_stats()
+            shard.timer.reset()
+
+        return LoadedModel(model=model, tokenizer=tokenizer, stats=store.snapshot, reset_stats=reset_stats,
                            close=close, explain_error=shard.explain_error,
                            result_stats=lambda: shard.gather_stats(store.snapshot()))
