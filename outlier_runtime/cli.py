@@ -470,6 +470,9 @@ def serve(ctx: click.Context, host: str, port: int, api_key: str | None, preload
     paging = _overrides(settings, k_override=k_override, cache_gb=cache_gb, reader=reader,
                         cache_policy=cache_policy, mmap_experts=mmap_experts,
                         experts_per_token=experts_per_token, prefetcher=prefetcher)
+    if launched_rank() is not None and "distributed" not in paging:
+        # One rank of an mlx.launch'ed job: serve as a pipeline (rank 0 serves, the others follow).
+        paging.setdefault("paging.distributed", "pipeline")
     run_server(ServerConfig(host=host, port=port, api_key=api_key or None, force=force,
                             tier_overrides=overrides, paging_overrides=paging, preload=preload,
                             allowed_hosts=list(allowed_hosts), max_connections=max_connections,

@@ -30,7 +30,7 @@ END_TIMEOUT = 45
 
 
 def _serve_args(model: Path, port: int) -> list[str]:
-    return ["serve", "--port", str(port), "--api-key", API_KEY, "--force", "--tier", "plus",
+    return ["serve", "--port", str(port), "--api-key", API_KEY, "--tier", "plus",
             "--tier-override", f"plus={model}", "--k-override", "2", "--cache-gb", "0"]
 
 
@@ -75,7 +75,7 @@ def test_outlier_serve_with_a_hostfile_answers_like_stock_mlx_lm(tiny, tmp_path)
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
     port = free_port()
-    command = [str(Path(sys.executable).with_name("outlier")), *_serve_args(model, port),
+    command = [str(Path(sys.executable).with_name("outlier")), *_serve_args(model, port), "--force",
                "--hostfile", str(hostfile), "--starting-port", str(free_port_pair())]
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
@@ -109,20 +109,22 @@ def test_outlier_serve_with_a_hostfile_answers_like_stock_mlx_lm(tiny, tmp_path)
     assert not [line for line in out.splitlines() if line.startswith("error:")], out[-3000:]
 
 
-def _serve_by_hand(model: Path, tmp_path: Path) -> tuple[list[subprocess.Popen], str, int]:
+def _serve_by_hand(model: Path, tmp_path: Path, rank_args: tuple[list[str], list[str]] = ([], []),
+                   loaded: bool = True) -> tuple[list[subprocess.Popen], str, int]:
     """Both ranks of `outlier serve` started by hand with the environment mlx.launch sets
-    (MLX_HOSTFILE, MLX_RANK), so what each does is its own, not the launcher's. Waits until rank 0
-    answers with the tier loaded; returns the processes, the base URL and the ring's first port."""
+    (MLX_HOSTFILE, MLX_RANK), so what each does is its own, not the launcher's; ``rank_args`` are
+    added to each rank's command. Waits until rank 0 answers (with the tier loaded, if ``loaded``);
+    returns the processes, the base URL and the ring's first port."""
     ring = free_port_pair()
     hostfile = tmp_path / "ring.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{ring}"], [f"127.0.0.1:{ring + 1}"]]))
     port = free_port()
-    command = [sys.executable, "-m", "outlier_runtime.cli", *_serve_args(model, port),
-               "--set", 'paging.distributed="pipeline"']
+    # No distributed setting: `outlier serve` in a launched rank serves as a pipeline by itself.
+    command = [sys.executable, "-m", "outlier_runtime.cli", *_serve_args(model, port)]
     processes = []
     for rank in range(2):
         env = _env(tmp_path / "home", MLX_HOSTFILE=str(hostfile), MLX_RANK=str(rank))
-        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        processes.append(subprocess.Popen([*command, *rank_args[rank]], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                           text=True, start_new_session=True))
     base_url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 60
@@ -132,7 +134,7 @@ def _serve_by_hand(model: Path, tmp_path: Path) -> tuple[list[subprocess.Popen],
         try:
             health = httpx.get(f"{base_url[:-3]}/health", headers={"Authorization": f"Bearer {API_KEY}"},
                                timeout=2).json()
-            if health["loaded_model"] == "outlier-plus":
+            if health["loaded_model"] == "outlier-plus" or not loaded:
                 return processes, base_url, ring
         except httpx.TransportError:
             pass
@@ -145,7 +147,7 @@ def _serve_by_hand(model: Path, tmp_path: Path) -> tuple[list[subprocess.Popen],
 
 def test_rank_0_shutting_down_ends_the_follower_cleanly(tiny, tmp_path):
     model = tiny("qwen3_moe")
-    processes, base_url, _ = _serve_by_hand(model, tmp_path)
+    processes, base_url, _ = _serve_by_hand(model, tmp_path, (["--force"], ["--force"]))
     try:
         client = openai.OpenAI(base_url=base_url, api_key=API_KEY, max_retries=0, timeout=60)
         assert _complete(client) == _stock_reply(model)
@@ -161,7 +163,7 @@ def test_rank_0_shutting_down_ends_the_follower_cleanly(tiny, tmp_path):
 
 
 def test_a_killed_follower_ends_the_server_with_one_line(tiny, tmp_path):
-    processes, _, ring = _serve_by_hand(tiny("qwen3_moe"), tmp_path)
+    processes, _, ring = _serve_by_hand(tiny("qwen3_moe"), tmp_path, (["--force"], ["--force"]))
     try:
         killed = time.monotonic()
         os.killpg(processes[1].pid, signal.SIGKILL)
@@ -176,3 +178,25 @@ def test_a_killed_follower_ends_the_server_with_one_line(tiny, tmp_path):
     assert len(lines) == 1, out[-3000:]
     assert "rank 0 of 2" in lines[0] and f"lost follower rank 1 (127.0.0.1:{ring + 1})" in lines[0]
     assert took < END_TIMEOUT
+
+
+def test_a_tier_one_rank_cannot_load_is_refused_on_every_rank(tiny, tmp_path):
+    """Rank 1's memory plan refuses the tier (cache_gb 0 holds no slot, and it has no --force): no
+    rank loads it, the request gets a 400 naming the rank, and the server goes on serving."""
+    processes, base_url, _ = _serve_by_hand(tiny("qwen3_moe"), tmp_path, (["--force"], []), loaded=False)
+    try:
+        client = openai.OpenAI(base_url=base_url, api_key=API_KEY, max_retries=0, timeout=60)
+        for _ in range(2):  # refused again, not stuck: every rank still answers rank 0's actions
+            with pytest.raises(openai.BadRequestError, match=r"rank\(s\) 1 of this pipeline cannot load it"):
+                _complete(client)
+        health = httpx.get(f"{base_url[:-3]}/health", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
+        assert health.json()["loaded_model"] is None
+        status, out = _end(processes[0], signal.SIGTERM)
+        assert status == 0, out[-3000:]
+        status, out = _wait(processes[1])
+        assert status == 0, out[-3000:]
+        assert "rank 1 cannot load tier plus" in out, out[-3000:]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)

@@ -7,9 +7,9 @@ the same forward passes at the same time. Rank 0 runs the HTTP server; before ea
 code: ``Runtime.stream_tokens`` on the same tokens, options and seed, so they sample the same
 tokens and stop at the same one (budget, end of sequence, stop string). One action runs at a time.
 
-Two things only rank 0 knows are agreed on as the generation goes: whether its client left (every
+Two things are agreed on with one collective each: whether rank 0's client left (every
 :data:`STOP_CHECK_CHUNKS` chunks, one ``all_sum`` on the generation stream, where it runs after
-the step mlx-lm computes ahead instead of beside it), and whether the ranks can load a tier (their
+the step mlx-lm computes ahead instead of beside it), and whether every rank can load a tier (their
 admission checks, before any rank starts the loader's own collectives). While idle, rank 0 sends
 a heartbeat every :data:`HEARTBEAT_SECONDS`, so a follower that died ends the server within seconds
 instead of at the next request.
@@ -218,6 +218,9 @@ class PipelineLeader:
         options = {**options, "seed": options.get("seed")}
         if options["seed"] is None:
             options["seed"] = random.getrandbits(31)
+        # What the followers get back from JSON (lists for tuples, string keys), used here too:
+        # a rank sampling with other options would feed the pipeline other tokens.
+        options = json.loads(json.dumps(options))
         with self._lock:
             self._send({"kind": "generate", "tokens": list(tokens), "max_tokens": max_tokens, "options": options})
             chunks = lockstep(runtime.stream_tokens(tokens, max_tokens=max_tokens, **options), self.channel, leaving)
