@@ -1,7 +1,8 @@
 """`outlier serve` as a two-rank pipeline over loopback (ring backend): rank 0 serves HTTP and the
 follower runs every request with it. The official openai client gets stock mlx-lm's greedy reply,
 request after request (also after a client that left mid-stream); rank 0's shutdown ends the
-follower cleanly; a killed follower ends the server with exit 2 and one line. Every process
+follower cleanly; a follower killed while idle or mid-request ends the server with exit 2 and one
+line; a tier one rank cannot admit is loaded by none. Every process
 runs under a timeout; only 127.0.0.1 is used."""
 
 from __future__ import annotations
@@ -200,3 +201,25 @@ def test_a_tier_one_rank_cannot_load_is_refused_on_every_rank(tiny, tmp_path):
         for process in processes:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_a_follower_killed_mid_request_ends_the_server_with_one_line(tiny, tmp_path):
+    processes, base_url, ring = _serve_by_hand(tiny("qwen3_moe"), tmp_path, (["--force"], ["--force"]))
+    try:
+        client = openai.OpenAI(base_url=base_url, api_key=API_KEY, max_retries=0, timeout=60)
+        stream = client.completions.create(model="outlier-plus", prompt=PROMPT, max_tokens=2000, temperature=0,
+                                           stream=True)
+        next(iter(stream))  # the generation runs on both ranks now
+        os.killpg(processes[1].pid, signal.SIGKILL)
+        with pytest.raises((openai.APIError, httpx.HTTPError)):  # the stream ends without finishing
+            for chunk in stream:
+                assert chunk.choices[0].finish_reason is None
+        status, out = _wait(processes[0])
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    assert status == 2, out[-3000:]
+    lines = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, out[-3000:]
+    assert "rank 0 of 2" in lines[0] and f"rank 1 (127.0.0.1:{ring + 1})" in lines[0]
