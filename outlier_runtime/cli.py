@@ -285,13 +285,14 @@ def _print_stats(result: Any, prefix: str = "") -> None:
 def _print_ranks(ranks: list[dict[str, Any]], prefix: str) -> None:
     """Every pipeline rank's totals, gathered to rank 0 after the generation: one row per rank."""
     click.echo(f"{prefix}-- every rank (gathered to rank 0):", err=True)
-    click.echo(f"{prefix}   rank  layers     lookups  slot hits  RAM hits   misses   read MB  read s  peak RSS GB",
-               err=True)
+    click.echo(f"{prefix}   rank  layers     lookups  slot hits  RAM hits   misses   read MB  read s  peak RSS GB"
+               f"  layers s  wait s", err=True)
     for row in ranks:
         start, end = row["layers"]
         click.echo(f"{prefix}   {row['rank']:>4}  {start:>3}-{end - 1:<4} {row['lookups']:>9} {row['slot_hits']:>10} "
                    f"{row['ram_hits']:>9} {row['misses']:>8} {row['bytes_read'] / 1e6:>9.1f} "
-                   f"{row['read_seconds']:>7.3f} {row['peak_rss_bytes'] / 1e9:>12.2f}", err=True)
+                   f"{row['read_seconds']:>7.3f} {row['peak_rss_bytes'] / 1e9:>12.2f} {row['layers_seconds']:>9.3f} "
+                   f"{row['wait_seconds']:>7.3f}", err=True)
 
 
 def _run(tier: str, prompt: str, overrides: dict[str, Any], force: bool, generation: dict[str, Any],
@@ -450,19 +451,34 @@ def demo(prompt: str, max_tokens: int, k_override: int, cache_gb: float, reader:
               help="Concurrent requests to the loaded tier decoded together at most (a paged MoE reads the "
                    "experts they share once per step); 1 decodes one request at a time.")
 @_paging_options
-def serve(host: str, port: int, api_key: str | None, preload: str | None, tier_overrides: tuple[str, ...],
-          allowed_hosts: tuple[str, ...], max_connections: int, prompt_cache_gb: float, memory_gb: float | None,
-          allow_download: bool, max_batch: int,
-          model: str | None, k_override: int | None, cache_gb: float | None, reader: str | None,
-          cache_policy: str | None, mmap_experts: bool | None, experts_per_token: int | None,
-          prefetcher: str | None, settings: tuple[str, ...], force: bool) -> None:
+@click.option("--hostfile", type=click.Path(dir_okay=False),
+              help="Serve a pipeline across the hosts of this mlx.launch hostfile: rank 0 serves HTTP, "
+                   "the others follow it (docs/distributed.md).")
+@click.option("--backend", type=click.Choice(["ring", "mpi", "jaccl"]),
+              help="With --hostfile: the mlx.distributed backend (default: the hostfile's, else ring).")
+@click.option("--starting-port", type=click.IntRange(1024, 65534),
+              help="With --hostfile and the ring backend: the first TCP port (mlx.launch's default 32323).")
+@click.pass_context
+def serve(ctx: click.Context, host: str, port: int, api_key: str | None, preload: str | None,
+          tier_overrides: tuple[str, ...], allowed_hosts: tuple[str, ...], max_connections: int,
+          prompt_cache_gb: float, memory_gb: float | None, allow_download: bool, max_batch: int,
+          model: str | None, k_override: int | None,
+          cache_gb: float | None, reader: str | None, cache_policy: str | None, mmap_experts: bool | None,
+          experts_per_token: int | None, prefetcher: str | None, settings: tuple[str, ...], force: bool,
+          hostfile: str | None, backend: str | None, starting_port: int | None) -> None:
     """Serve the tiers over an OpenAI-compatible HTTP API (models `outlier-<tier>`)."""
+    from outlier_runtime.core.peers import launched_rank
     from outlier_runtime.serve.server import ServerConfig, check_bind, parse_tier_overrides, serve as run_server
 
     overrides = parse_tier_overrides(tier_overrides)
     _check_model_paths(overrides)
     check_bind(host, api_key or None)  # the policy first: a refused host is reported as such
-    _check_port_free(host, port)
+    if hostfile is not None:
+        from outlier_runtime import launcher
+
+        sys.exit(launcher.launch(hostfile, backend, starting_port, launcher.rank_argv(ctx), rank_0_stops=True))
+    if launched_rank() in (None, 0):  # a follower rank binds nothing
+        _check_port_free(host, port)
     if model is not None:
         if preload is None:
             raise click.UsageError("--model needs --tier: which tier should serve it?")
@@ -471,6 +487,9 @@ def serve(host: str, port: int, api_key: str | None, preload: str | None, tier_o
     paging = _overrides(settings, k_override=k_override, cache_gb=cache_gb, reader=reader,
                         cache_policy=cache_policy, mmap_experts=mmap_experts,
                         experts_per_token=experts_per_token, prefetcher=prefetcher)
+    if launched_rank() is not None and "distributed" not in paging:
+        # One rank of an mlx.launch'ed job: serve as a pipeline (rank 0 serves, the others follow).
+        paging.setdefault("paging.distributed", "pipeline")
     run_server(ServerConfig(host=host, port=port, api_key=api_key or None, force=force,
                             tier_overrides=overrides, paging_overrides=paging, preload=preload,
                             allowed_hosts=list(allowed_hosts), max_connections=max_connections,

@@ -1,10 +1,11 @@
-"""`outlier run TIER PROMPT --hostfile hosts.json`: the same command on every rank, through mlx.launch.
+"""`outlier run TIER PROMPT --hostfile hosts.json` (and `outlier serve --hostfile ...`): the same
+command on every rank, through mlx.launch.
 
 mlx's own launcher starts the ranks (over ssh, or locally for 127.0.0.1) with the environment
-``mx.distributed.init()`` reads. Each rank runs ``outlier run`` again, without ``--hostfile``
-and with ``paging.distributed = "pipeline"``; rank 0 prints the reply, the others only their
-statistics. mlx.launch exits 0 even when a rank failed, so its warnings are read here and a
-failed rank makes this command exit 2.
+``mx.distributed.init()`` reads. Each rank runs ``outlier run`` (or ``serve``) again, without
+``--hostfile`` and with ``paging.distributed = "pipeline"``; rank 0 prints the reply (or serves
+HTTP), the others only their statistics (or follow rank 0). mlx.launch exits 0 even when a rank
+failed, so its warnings are read here and a failed rank makes this command exit 2.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,9 +36,10 @@ def launcher_path() -> Path:
     return path
 
 
-def rank_argv(ctx: click.Context, prompt: str) -> list[str]:
-    """The `outlier run` arguments each rank runs: the same options, the prompt as text (read once
-    here, not from each rank's standard input), no launch options, distributed = "pipeline"."""
+def rank_argv(ctx: click.Context, prompt: str | None = None) -> list[str]:
+    """The `outlier run` (or `outlier serve`) arguments each rank runs: the same options, the
+    prompt as text (read once here, not from each rank's standard input), no launch options,
+    distributed = "pipeline"."""
     argv = [ctx.info_name or "run"]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
@@ -75,9 +78,15 @@ def check_hostfile(hostfile: str) -> None:
         raise DistributedError(f"--hostfile {hostfile}: {fix}")
 
 
-def launch(hostfile: str, backend: str | None, starting_port: int | None, argv: Sequence[str]) -> int:
+def launch(hostfile: str, backend: str | None, starting_port: int | None, argv: Sequence[str],
+           rank_0_stops: bool = False) -> int:
     """Run ``outlier <argv>`` on every rank of ``hostfile`` with mlx.launch; 0 when every rank
-    finished, 2 when one failed (its line from mlx.launch names the rank)."""
+    finished, 2 when one failed (its line from mlx.launch names the rank).
+
+    ``rank_0_stops`` (a served pipeline): Ctrl-C stops only rank 0, which then stops the others; this
+    process and mlx.launch ignore it and wait for them (mlx.launch interrupted would lose the ranks'
+    last lines and report them failed), and the ranks inherit the ignoring, which the server replaces
+    with its own handler on rank 0."""
     check_hostfile(hostfile)
     command: list[Any] = [launcher_path(), "--hostfile", hostfile, "--python", sys.executable]
     if backend:
@@ -86,6 +95,8 @@ def launch(hostfile: str, backend: str | None, starting_port: int | None, argv: 
         command += ["--starting-port", str(starting_port)]
     command += ["--", "-m", "outlier_runtime.cli", *argv]
     failed = []
+    if rank_0_stops:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     # stdout (rank 0's reply) passes straight through; stderr is read for mlx.launch's verdicts.
     with subprocess.Popen([str(c) for c in command], stderr=subprocess.PIPE, text=True, errors="replace") as process:
         assert process.stderr is not None

@@ -50,6 +50,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_port_pair() -> int:
+    """A port p with p and p + 1 free on 127.0.0.1 (mlx.launch gives rank r port p + r)."""
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no two consecutive free ports on 127.0.0.1")
+
+
 @contextlib.contextmanager
 def running_server(tiny, home: Path, api_key: str, context_window: int,
                    extra_args: Sequence[str] = ()) -> Iterator[tuple[subprocess.Popen, str, Path]]:
@@ -70,7 +87,7 @@ def running_server(tiny, home: Path, api_key: str, context_window: int,
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
-        _wait_until_ready(process, base_url, log_path, api_key)
+        wait_until_ready(process, base_url, log_path, api_key)
         yield process, base_url, log_path
     finally:
         process.terminate()
@@ -80,7 +97,7 @@ def running_server(tiny, home: Path, api_key: str, context_window: int,
             process.kill()
 
 
-def _wait_until_ready(process: subprocess.Popen, base_url: str, log_path: Path, api_key: str) -> None:
+def wait_until_ready(process: subprocess.Popen, base_url: str, log_path: Path, api_key: str) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import outlier_runtime
 
 from distributed_rank import MAX_TOKENS, PROMPT  # tests/ is on sys.path
+from helpers import free_port_pair
 
 RANK_SCRIPT = Path(__file__).with_name("distributed_rank.py")
 
@@ -27,23 +27,6 @@ LAUNCHER = Path(sys.executable).with_name("mlx.launch")
 RUN_TIMEOUT = 90
 #: Seconds the surviving rank may take to end after its peer was killed.
 FAULT_TIMEOUT = 45
-
-
-def _free_port_pair() -> int:
-    """A port p with p and p + 1 free on 127.0.0.1 (mlx.launch gives rank r port p + r)."""
-    for _ in range(50):
-        with socket.socket() as first:
-            first.bind(("127.0.0.1", 0))
-            port = first.getsockname()[1]
-            if port >= 65535:
-                continue
-            with socket.socket() as second:
-                try:
-                    second.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no two consecutive free ports on 127.0.0.1")
 
 
 def _run_bounded(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
@@ -64,7 +47,7 @@ def _launch(model: Path, out_dir: Path, *extra: str) -> list[dict]:
     if not LAUNCHER.exists():
         pytest.skip(f"{LAUNCHER} not found (mlx's launcher is installed with mlx)")
     command = [str(LAUNCHER), "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1",
-               "--starting-port", str(_free_port_pair()), "--python", sys.executable,
+               "--starting-port", str(free_port_pair()), "--python", sys.executable,
                str(RANK_SCRIPT), str(model), str(out_dir), *extra]
     done = _run_bounded(command, RUN_TIMEOUT, cwd=out_dir)
     # mlx.launch exits 0 even when a rank failed: the result files say whether both finished.
@@ -125,6 +108,8 @@ def test_every_ranks_stats_are_gathered_to_rank_0(tiny, tmp_path):
         assert row["layers"] == own["config"]["distributed"]["layers"]
         assert row["moe_layers"] == len(own["layers"])
         assert row["bytes_read"] > 0 and row["peak_rss_bytes"] > 0
+        # Each rank timed its own layers and its waits for the other rank apart.
+        assert row["layers_seconds"] > 0 and row["wait_seconds"] > 0
     assert ranks[1]["engine"]["ranks"] == gathered  # an all_gather: every rank holds the same list
     num_layers = ranks[0]["engine"]["config"]["distributed"]["num_layers"]
     covered = sorted(layer for row in gathered for layer in range(*row["layers"]))
@@ -155,7 +140,7 @@ def _by_hand(models: list[Path], port: int, out_dir: Path, *extra: str) -> tuple
 
 
 def test_ranks_with_different_model_files_are_refused(tiny, tmp_path):
-    processes, errors = _by_hand([tiny("qwen3_moe"), tiny("qwen3_moe", num_experts=8)], _free_port_pair(), tmp_path)
+    processes, errors = _by_hand([tiny("qwen3_moe"), tiny("qwen3_moe", num_experts=8)], free_port_pair(), tmp_path)
     for rank, (process, err) in enumerate(zip(processes, errors)):
         assert process.returncode == 2, err[-3000:]
         lines = [line for line in err.splitlines() if line.startswith("outlier:")]
@@ -175,7 +160,7 @@ def test_a_killed_rank_ends_the_other_with_one_line(victim, tiny, tmp_path):
     """Started by hand with the environment mlx.launch sets (MLX_HOSTFILE, MLX_RANK), so what the
     survivor does is its own, not the launcher's (which would terminate it)."""
     model = tiny("qwen3_moe")
-    port = _free_port_pair()
+    port = free_port_pair()
     processes, errors = _by_hand([model, model], port, tmp_path, "--kill", str(victim), "3")
     survivor = 1 - victim
     err = errors[survivor]
@@ -198,7 +183,7 @@ def test_outlier_run_with_a_hostfile_runs_two_ranks(tiny, tmp_path):
     outlier = Path(sys.executable).with_name("outlier")
     command = [str(outlier), "run", "plus", PROMPT, "--raw", "--model", str(model), "--k-override", "2",
                "--cache-gb", "0", "--force", "--temp", "0", "--max-tokens", str(MAX_TOKENS), "--stats",
-               "--hostfile", str(hostfile), "--starting-port", str(_free_port_pair())]
+               "--hostfile", str(hostfile), "--starting-port", str(free_port_pair())]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True, cwd=tmp_path)
     try:
@@ -229,7 +214,7 @@ def test_outlier_run_with_a_hostfile_exits_2_when_a_rank_fails(tmp_path):
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
     command = [str(Path(sys.executable).with_name("outlier")), "run", "plus", "hi", "--model", str(tmp_path / "no-model"),
-               "--hostfile", str(hostfile), "--starting-port", str(_free_port_pair())]
+               "--hostfile", str(hostfile), "--starting-port", str(free_port_pair())]
     done = _run_bounded(command, RUN_TIMEOUT, cwd=tmp_path)
     assert done.returncode == 2, done.stdout[-3000:]
     assert re.search(r"^error: rank [0-9, ]+ failed", done.stdout, re.MULTILINE), done.stdout[-3000:]

@@ -110,8 +110,9 @@ def attention_kinds(config: dict[str, Any]) -> list[str]:
     return ["full"] * layers
 
 
-def kv_cache_bytes(config: dict[str, Any], tokens: int, dtype_bytes: int) -> int:
-    """Bytes of one sequence's cache at ``tokens`` tokens, as mlx-lm's cache classes allocate it.
+def kv_cache_bytes(config: dict[str, Any], tokens: int, dtype_bytes: int, layers: range | None = None) -> int:
+    """Bytes of one sequence's cache at ``tokens`` tokens, as mlx-lm's cache classes allocate it
+    (for the decoder layers in ``layers`` only, when given: a pipeline rank's).
 
     Full attention (``KVCache``): keys and values for every token, grown in steps of 256.
     Sliding window (``RotatingKVCache``): at most the window. Linear attention (qwen3_next
@@ -125,7 +126,8 @@ def kv_cache_bytes(config: dict[str, Any], tokens: int, dtype_bytes: int) -> int
     per_token = 2 * kv_heads * head_dim * dtype_bytes  # keys and values
     window = int(text.get("sliding_window") or tokens)
     total = 0
-    for kind in attention_kinds(config):
+    kinds = attention_kinds(config)
+    for kind in kinds if layers is None else [kinds[i] for i in layers if i < len(kinds)]:
         if kind == "full":
             total += per_token * _steps(tokens)
         elif kind == "sliding":

@@ -43,6 +43,24 @@ def load(tier: str, *, force: bool = False, reserve: Sequence[PlanLine] = (), **
     memory the caller keeps beside the model (the server's prompt cache), a line of the tier's
     memory plan that admission counts.
     """
+    manifest, model_path, plan = admit(tier, force=force, reserve=reserve, **overrides)
+    registry = get_registry()
+    loader = registry.create("loader", manifest.loader.name)
+    log.info("loading tier %s from %s with loader %s", manifest.name, model_path, manifest.loader.name)
+    started = time.perf_counter()
+    loaded = registry.get("loader", manifest.loader.name).guard.call(
+        "load", loader.load, LoadRequest(manifest, model_path, manifest.loader_options, reserved=tuple(reserve)))
+    log.info("loaded in %.2f s", time.perf_counter() - started)
+    runtime = Runtime(manifest, loaded)
+    runtime.memory_plan = plan
+    return runtime
+
+
+def admit(tier: str, *, force: bool = False, reserve: Sequence[PlanLine] = (),
+          **overrides: Any) -> tuple[TierManifest, Any, MemoryPlan | None]:
+    """What :func:`load` checks before loading anything: the tier resolves, its model is on disk
+    and this machine admits it. Returns the manifest, the model's path and the memory plan (None
+    for loaders without one); raises the error ``load`` would."""
     check_env_flags()
     # Generation defaults given as overrides get the same check (and message) as per-call values.
     check_generation(**{k: overrides[k] for k in GENERATION_OVERRIDES if overrides.get(k) is not None})
@@ -61,15 +79,7 @@ def load(tier: str, *, force: bool = False, reserve: Sequence[PlanLine] = (), **
     else:
         check_admission(manifest, force=force)
         model_path = resolve_model(manifest.model, manifest.name)
-    loader = registry.create("loader", manifest.loader.name)
-    log.info("loading tier %s from %s with loader %s", manifest.name, model_path, manifest.loader.name)
-    started = time.perf_counter()
-    loaded = registry.get("loader", manifest.loader.name).guard.call(
-        "load", loader.load, LoadRequest(manifest, model_path, manifest.loader_options, reserved=tuple(reserve)))
-    log.info("loaded in %.2f s", time.perf_counter() - started)
-    runtime = Runtime(manifest, loaded)
-    runtime.memory_plan = plan
-    return runtime
+    return manifest, model_path, plan
 
 
 @dataclass

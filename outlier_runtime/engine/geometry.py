@@ -10,13 +10,18 @@ two in agreement.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from outlier_runtime.core.errors import CheckpointError
 from outlier_runtime.core.memory import text_config
 from outlier_runtime.engine.checkpoint import TensorEntry, read_checkpoint
+
+#: A decoder layer's tensors: ``model.layers.N.`` (``language_model.model.layers.N.`` in qwen3_5),
+#: not the ``mtp.layers.N.`` of multi-token-prediction heads.
+_DECODER_LAYER = re.compile(r"(?:^|\.)model\.layers\.(\d+)\.")
 
 #: Module names under which mlx-lm keeps stacked experts.
 SWITCH_MODULES = ("switch_mlp", "experts", "switch_glu")
@@ -35,6 +40,17 @@ class CheckpointGeometry:
     non_expert_bytes: int
     #: Bytes per element of the activations (and so of the KV cache).
     activation_bytes: int
+    #: The decoder layer of each MoE layer in ``expert_nbytes`` (None where a name has no layer number).
+    expert_layers: list[int | None] = field(default_factory=list)
+    #: Non-expert bytes of each decoder layer (``...model.layers.N.``); the rest of
+    #: ``non_expert_bytes`` (embeddings, final norm, head) is outside the layers.
+    layer_bytes: dict[int, int] = field(default_factory=dict)
+
+    def non_expert_bytes_of(self, layers: range) -> int:
+        """Non-expert bytes a pipeline rank holding ``layers`` loads: those layers' and every
+        weight outside the layers (each rank keeps the embeddings, final norm and head)."""
+        outside = self.non_expert_bytes - sum(self.layer_bytes.values())
+        return outside + sum(self.layer_bytes.get(layer, 0) for layer in layers)
 
     @property
     def total_expert_bytes(self) -> int:
@@ -60,16 +76,28 @@ def checkpoint_geometry(model_dir: str | Path, entries: dict[str, TensorEntry] |
     text = text_config(config)
     num_experts = next((int(text[k]) for k in EXPERT_COUNT_KEYS if isinstance(text.get(k), int)), 0)
     per_layer: dict[str, int] = {}
+    layer_bytes: dict[int, int] = {}
     expert_total = 0
     for name, entry in entries.items():
         layer = _switch_module(name)
         if layer is not None and num_experts and entry.shape and entry.shape[0] == num_experts:
             per_layer[layer] = per_layer.get(layer, 0) + entry.nbytes // num_experts
             expert_total += entry.nbytes
+            continue
+        number = decoder_layer(name)
+        if number is not None:
+            layer_bytes[number] = layer_bytes.get(number, 0) + entry.nbytes
     total = sum(entry.nbytes for entry in entries.values())
     layers = sorted(per_layer, key=_natural)
     return CheckpointGeometry(config, num_experts, [per_layer[name] for name in layers],
-                              total - expert_total, _activation_bytes(entries))
+                              total - expert_total, _activation_bytes(entries),
+                              [decoder_layer(name + ".") for name in layers], layer_bytes)
+
+
+def decoder_layer(name: str) -> int | None:
+    """The decoder layer a tensor name belongs to (``model.layers.N.`` anywhere in it), else None."""
+    match = _DECODER_LAYER.search(name)
+    return int(match.group(1)) if match else None
 
 
 def _switch_module(name: str) -> str | None:

@@ -91,7 +91,7 @@ class ModelHost:
 
     def __init__(self, load_overrides: Callable[[str], dict[str, Any]] = lambda tier: {}, force: bool = False,
                  prompt_cache_bytes: int = 0, allow_download: bool = False, memory_bytes: int | None = None,
-                 max_batch: int = 1):
+                 max_batch: int = 1, pipeline: Any = None):
         self._load_overrides = load_overrides  # tier -> keyword overrides for load()
         self._force = force
         #: Whether a request may load a tier whose weights must be downloaded first.
@@ -116,6 +116,9 @@ class ModelHost:
         self.counters = {"requests": 0, "completed": 0, "failed": 0, "cancelled": 0, "refused_busy": 0,
                          "prompt_tokens": 0, "generation_tokens": 0}
         self.last_stats: dict[str, Any] | None = None
+        #: A PipelineLeader when this is rank 0 of a served pipeline: every load, generation and
+        #: shutdown runs on every rank (serve/pipeline_work.py); None in one process.
+        self.pipeline = pipeline
 
     @property
     def loaded_tier(self) -> str | None:
@@ -175,7 +178,7 @@ class ModelHost:
         with self._jobs_lock:
             for job in self._jobs:
                 job.cancelled.set()
-        done = self._worker.submit(self._unload)
+        done = self._worker.submit(self._shutdown)
         self._worker.shutdown(wait=False, cancel_futures=False)
         try:
             done.result(timeout=timeout)
@@ -193,6 +196,12 @@ class ModelHost:
 
     # Everything below runs on the worker thread only.
 
+    def _shutdown(self) -> None:
+        if self.pipeline is None or self.pipeline.shutdown():  # the followers close theirs with ours
+            self._unload()
+        else:
+            self.tiers.abandon()  # a lost follower: closing would wait for it
+
     def _unload(self) -> None:
         self.tiers.close()  # each tier's prompt caches go with it
 
@@ -205,6 +214,8 @@ class ModelHost:
     def _load_tier(self, tier: str) -> Runtime:
         import outlier_runtime
 
+        if self.pipeline is not None:  # every rank closes its tier and loads this one: one tier at a time
+            return self.pipeline.switch(tier, self._unload)
         return outlier_runtime.load(tier, force=self._force, reserve=self._reserved, **self._load_overrides(tier))
 
     def _ensure(self, tier: str, job: GenerationJob | None = None) -> Runtime:
@@ -234,7 +245,7 @@ class ModelHost:
         try:
             prepared = self._prepare(job)
             # A batch replies to every job it decodes, this one included.
-            if not self.batching.serve(self, prepared):
+            if self.pipeline is not None or not self.batching.serve(self, prepared):
                 self._generate_alone(prepared)
         except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error reply
             self.report_error(job, exc)
@@ -257,8 +268,13 @@ class ModelHost:
 
     def _generate_alone(self, prepared: PreparedJob) -> None:
         job, runtime = prepared.job, prepared.runtime
-        with contextlib.closing(self.prompt_cache.stream(runtime, prepared.tokens, max_tokens=prepared.budget,
-                                                         **job.options)) as chunks:
+        if self.pipeline is not None:  # every rank runs it; the prompt cache is off
+            generation = self.pipeline.stream(runtime, prepared.tokens, prepared.budget, job.options,
+                                              job.cancelled.is_set)
+        else:
+            generation = self.prompt_cache.stream(runtime, prepared.tokens, max_tokens=prepared.budget,
+                                                  **job.options)
+        with contextlib.closing(generation) as chunks:
             for chunk in chunks:
                 job.emit("chunk", chunk)
                 if job.cancelled.is_set():

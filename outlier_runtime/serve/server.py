@@ -249,12 +249,14 @@ async def _respond(request: Request, host: ModelHost, job: GenerationJob, reply:
     return JSONResponse(reply.whole(result))
 
 
-def create_app(config: ServerConfig) -> FastAPI:
-    """The FastAPI application serving ``config``'s tiers."""
+def create_app(config: ServerConfig, pipeline: Any = None) -> FastAPI:
+    """The FastAPI application serving ``config``'s tiers (on rank 0 of a pipeline: ``pipeline``,
+    a :class:`~outlier_runtime.serve.pipeline_work.PipelineLeader`, and no prompt cache)."""
     host = ModelHost(config.load_overrides, force=config.force,
-                     prompt_cache_bytes=int(config.prompt_cache_gb * GB), allow_download=config.allow_download,
+                     prompt_cache_bytes=0 if pipeline else int(config.prompt_cache_gb * GB),
+                     allow_download=config.allow_download,
                      memory_bytes=None if config.memory_gb is None else int(config.memory_gb * GB),
-                     max_batch=config.max_batch)
+                     max_batch=config.max_batch, pipeline=pipeline)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -262,6 +264,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         await loop.run_in_executor(None, host.refresh_tiers)  # once, off the event loop
         with contextlib.suppress(NotImplementedError, AttributeError, RuntimeError):  # no SIGHUP on Windows
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, host.refresh_tiers))
+        if pipeline is not None:
+            pipeline.start()
         if config.preload:
             host.preload(config.preload)
         yield
@@ -359,6 +363,8 @@ def serve(config: ServerConfig) -> None:
 
     from outlier_runtime.core.plugin_manager import get_registry
     from outlier_runtime.core.catalog import resolve_tier
+    from outlier_runtime.serve.pipeline_follower import follow
+    from outlier_runtime.serve.pipeline_work import PipelineLeader, join_group, wants_pipeline
     from outlier_runtime.serve.connections import (
         connection_cap,
         guarded_protocol,
@@ -370,11 +376,16 @@ def serve(config: ServerConfig) -> None:
     get_registry()  # load the plugins now: a broken one fails here, not on the first request
     for tier in {*config.tier_overrides, *([config.preload] if config.preload else [])}:
         resolve_tier(tier, get_registry(), config.load_overrides(tier))  # fail now, not on first request
+    channel = join_group() if wants_pipeline(config.paging_overrides, config.tier_overrides) else None
+    if channel is not None and channel.rank != 0:
+        follow(channel, config.load_overrides, config.force)  # until rank 0 shuts down
+        return
+    pipeline = PipelineLeader(channel, config.load_overrides, config.force) if channel is not None else None
     fd_limit = raise_descriptor_limit()
     max_connections = connection_cap(config.max_connections, fd_limit)
     log.info("serving on http://%s:%d/v1 (API key %s; at most %d connections, open-files limit %d)",
              config.host, config.port, "required" if config.api_key else "not required", max_connections, fd_limit)
-    app = create_app(config)
+    app = create_app(config, pipeline)
     uvicorn_config = uvicorn.Config(
         app, host=config.host, port=config.port, log_level="info",
         http=guarded_protocol(max_connections, config.head_timeout),
@@ -384,6 +395,15 @@ def serve(config: ServerConfig) -> None:
         timeout_graceful_shutdown=5,
     )
     install_repeat_filter()  # after uvicorn configured its loggers
-    uvicorn.Server(uvicorn_config).run()
+    server = uvicorn.Server(uvicorn_config)
+    if pipeline is not None:  # a lost follower stops the server; the error is its exit line
+        pipeline.on_lost = lambda error: setattr(server, "should_exit", True)
+        # uvicorn raises the signal that stopped it again, to the handler it found, after a graceful
+        # shutdown: rank 0 would exit 1 (Ctrl-C) or die of SIGTERM, which mlx.launch reports as a failed rank.
+        for stop_signal in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop_signal, lambda signum, frame: None)
+    server.run()
     if getattr(app.state, "worker_stopped", True) is False:
         os._exit(1)  # the worker is stuck (a model load): Python would wait for it at exit
+    if pipeline is not None and pipeline.lost is not None:
+        raise pipeline.lost

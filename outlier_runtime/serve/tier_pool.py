@@ -142,6 +142,12 @@ class TierPool:
         for tier in self.loaded:
             self._unload(tier)
 
+    def abandon(self) -> None:
+        """Forget every tier without closing it (its close would wait on peers that are gone)."""
+        with self._lock:
+            self._tiers.clear()
+            self._holders.clear()
+
     def _hold(self, tier: str, user: Hashable | None) -> Any:
         self._tiers.move_to_end(tier)
         if user is not None:

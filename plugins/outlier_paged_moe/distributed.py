@@ -12,30 +12,28 @@ and never reads another rank's experts.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
 from outlier_runtime.core.errors import CheckpointError, DistributedError, ParameterError
+from outlier_runtime.core.peers import is_peer_lost, launch_hosts, lost_peer_error
 from outlier_runtime.core.system import peak_rss_bytes
 from outlier_runtime.engine.checkpoint import TensorEntry
 
 from .options import PagedMoEOptions
+from .stage_timer import StageTimer
 
 log = logging.getLogger(__name__)
 
 #: Each rank's figures gathered to every rank after a generation, in this order (one int64 each).
 RANK_FIELDS = ("rank", "layer_start", "layer_end", "moe_layers", "lookups", "slot_hits", "ram_hits", "misses",
-               "bytes_read", "read_microseconds", "evictions", "peak_rss_bytes")
-
-#: Phrases of mlx's distributed backends when a peer is gone (the ring backend: "[ring] ...").
-_PEER_LOST = re.compile(r"\[(ring|mpi|jaccl|nccl)\]|connection to a peer|closed by the peer", re.IGNORECASE)
+               "bytes_read", "read_microseconds", "evictions", "peak_rss_bytes", "wait_microseconds",
+               "layers_microseconds")
 
 
 @dataclass
@@ -51,6 +49,8 @@ class PipelineShard:
     hosts: list[str]
     #: Set once a peer is known to be gone: no more collective calls (they would wait forever).
     peer_lost: bool = False
+    #: Time waiting for the pipeline, apart from this rank's own layers (see stage_timer.py).
+    timer: StageTimer = field(default_factory=StageTimer)
 
     def info(self) -> dict[str, Any]:
         return {"strategy": "pipeline", "rank": self.rank, "size": self.size,
@@ -107,6 +107,8 @@ class PipelineShard:
         mine = {"rank": self.rank, "layer_start": self.start, "layer_end": self.end,
                 "moe_layers": len(engine["layers"]), "read_microseconds": round(total["read_seconds"] * 1e6),
                 "peak_rss_bytes": peak_rss_bytes(),
+                "wait_microseconds": round(self.timer.wait_seconds * 1e6),
+                "layers_microseconds": round(self.timer.layers_seconds * 1e6),
                 **{name: total[name] for name in ("lookups", "slot_hits", "ram_hits", "misses", "bytes_read",
                                                   "evictions")}}
         try:
@@ -120,6 +122,8 @@ class PipelineShard:
         for row in ranks:
             row["layers"] = [row.pop("layer_start"), row.pop("layer_end")]
             row["read_seconds"] = row.pop("read_microseconds") / 1e6
+            row["wait_seconds"] = row.pop("wait_microseconds") / 1e6
+            row["layers_seconds"] = row.pop("layers_microseconds") / 1e6
             row["host"] = self.host_of(row["rank"])
         return {**engine, "ranks": ranks}
 
@@ -140,14 +144,10 @@ class PipelineShard:
 
     def explain_error(self, exc: BaseException) -> DistributedError | None:
         """A lost peer as one line naming this rank and the peer(s); other errors unchanged."""
-        if not isinstance(exc, RuntimeError) or not _PEER_LOST.search(str(exc)):
+        if not is_peer_lost(exc):
             return None
         self.peer_lost = True
-        peers = " or ".join(f"rank {r} ({self.host_of(r)})" for r in self.peers())
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return DistributedError(
-            f"rank {self.rank} of {self.size} ({self.host_of(self.rank)}): lost pipeline peer {peers}: {first}; "
-            f"that rank exited or cannot be reached: see its output, then start every rank again")
+        return lost_peer_error(self.rank, self.size, self.hosts, self.peers(), exc)
 
 
 def model_fingerprint(path: Any, entries: dict[str, TensorEntry]) -> bytes:
@@ -160,21 +160,52 @@ def model_fingerprint(path: Any, entries: dict[str, TensorEntry]) -> bytes:
     return digest.digest()
 
 
-def _hosts() -> list[str]:
-    """The ranks' addresses from the hostfile mlx.launch wrote for the ring backend, if any."""
-    path = os.environ.get("MLX_HOSTFILE")
-    try:
-        with open(path or "", encoding="utf-8") as handle:
-            ranks = json.load(handle)
-        return [", ".join(addresses) if isinstance(addresses, list) else str(addresses) for addresses in ranks]
-    except (OSError, ValueError, TypeError):
-        return []
-
-
 def pipeline_model(model: Any) -> Any:
     """The inner text model that has mlx-lm's ``pipeline(group)`` (``model.model``), or None."""
     inner = getattr(model, "model", None)
     return inner if inner is not None and callable(getattr(inner, "pipeline", None)) else None
+
+
+def _join(options: PagedMoEOptions) -> Any:
+    """The mlx.distributed group of this job (one rank when not launched); mlx keeps it once joined."""
+    try:
+        return mx.distributed.init(backend=options.distributed_backend)
+    except RuntimeError as exc:
+        raise DistributedError(f"paging.distributed = \"pipeline\": mlx.distributed cannot start the "
+                               f"{options.distributed_backend!r} backend ({exc}); launch the ranks with mlx.launch "
+                               f"(docs/distributed.md)") from None
+
+
+def _check_split(options: PagedMoEOptions, size: int, num_layers: int) -> None:
+    split = options.pipeline_split
+    if split is not None and (len(split) != size or sum(split) != num_layers):
+        raise ParameterError(f"paging.pipeline_split = {split}: needs {size} entries (one per rank) "
+                             f"summing to the model's {num_layers} layers", "pipeline_split")
+    if size > num_layers:
+        raise ParameterError(f"{size} ranks for a model of {num_layers} layers: launch at most "
+                             f"{num_layers} ranks", "distributed")
+
+
+def pipeline_layers(num_layers: int, size: int, rank: int, split: list[int] | None = None) -> range:
+    """The layers rank ``rank`` of ``size`` runs, by the arithmetic of mlx-lm's ``pipeline()``: an
+    even split with the extra layers on the low ranks (or ``split``), in reverse, so rank 0 runs
+    the last layers. The memory plan needs it before the model exists; a test compares it with
+    the layers the model's own split gives."""
+    if split is None:
+        base, extra = divmod(num_layers, size)
+        split = [base + (1 if r < extra else 0) for r in range(size)]
+    start = sum(split[rank + 1:])
+    return range(start, start + split[rank])
+
+
+def planned_layers(options: PagedMoEOptions, num_layers: int) -> tuple[range, int, int] | None:
+    """For the memory plan: this rank's layers, rank and group size under ``distributed =
+    "pipeline"`` (joining the group, as loading would), else None."""
+    if options.distributed != "pipeline":
+        return None
+    group = _join(options)
+    _check_split(options, group.size(), num_layers)
+    return pipeline_layers(num_layers, group.size(), group.rank(), options.pipeline_split), group.rank(), group.size()
 
 
 def split_pipeline(model: Any, options: PagedMoEOptions, path: Any) -> PipelineShard:
@@ -184,19 +215,11 @@ def split_pipeline(model: Any, options: PagedMoEOptions, path: Any) -> PipelineS
         raise CheckpointError(
             f"{path}: mlx-lm's {type(model).__module__} model has no pipeline(group) split; "
             f"unset paging.distributed for it", str(path))
-    try:
-        group = mx.distributed.init(backend=options.distributed_backend)
-    except RuntimeError as exc:
-        raise DistributedError(f"paging.distributed = \"pipeline\": mlx.distributed cannot start the "
-                               f"{options.distributed_backend!r} backend ({exc}); launch the ranks with mlx.launch "
-                               f"(docs/distributed.md)") from None
+    group = _join(options)
     num_layers = len(inner.layers)
-    split = options.pipeline_split
-    if split is not None and (len(split) != group.size() or sum(split) != num_layers):
-        raise ParameterError(f"paging.pipeline_split = {split}: needs {group.size()} entries (one per rank) "
-                             f"summing to the model's {num_layers} layers", "pipeline_split")
-    if group.size() > num_layers:
-        raise ParameterError(f"{group.size()} ranks for a model of {num_layers} layers: launch at most "
-                             f"{num_layers} ranks", "distributed")
-    inner.pipeline(group, split=split)
-    return PipelineShard(group, group.rank(), group.size(), inner.start_idx, inner.end_idx, num_layers, _hosts())
+    _check_split(options, group.size(), num_layers)
+    inner.pipeline(group, split=options.pipeline_split)
+    shard = PipelineShard(group, group.rank(), group.size(), inner.start_idx, inner.end_idx, num_layers, launch_hosts())
+    if shard.size > 1:  # one rank waits for nobody: no extra evaluations
+        shard.timer.install(inner.layers[shard.start], inner.layers[shard.end - 1])
+    return shard

@@ -21,12 +21,12 @@ from outlier_runtime.engine.experts import (
 from outlier_runtime.engine.pack import attach_pack
 from outlier_runtime.core.plugin_manager import get_registry
 from outlier_runtime.core.memory import (MemoryPlan, apply_wired_limit, available_bytes, headroom_bytes,
-                                         kv_cache_bytes)
+                                         kv_cache_bytes, text_config)
 from outlier_runtime.engine.geometry import checkpoint_geometry
 from outlier_runtime.core.protocols import LoadedModel, LoadRequest
 
 from .memory import ExpertLayout, PagedBudget, plan_paged
-from .distributed import model_fingerprint, split_pipeline
+from .distributed import model_fingerprint, planned_layers, split_pipeline
 from .lookahead import NextLayerLookahead
 from .store import ExpertStore, LayerSlots
 from .switch import PagedSwitch
@@ -37,9 +37,10 @@ GB = 1e9
 
 
 def _budget(request: LoadRequest, layout: ExpertLayout, non_expert_bytes: int, activation_bytes: int,
-            config: dict) -> PagedBudget:
+            config: dict, layers: range | None = None) -> PagedBudget:
+    """The plan for ``layers`` (a pipeline rank's KV cache), or every layer."""
     context = request.manifest.generation.context_window
-    kv = kv_cache_bytes(config, context, activation_bytes)
+    kv = kv_cache_bytes(config, context, activation_bytes, layers)
     return plan_paged(request.options, layout, non_expert_bytes, kv, context, available_bytes(), headroom_bytes(),
                       reserved=list(request.reserved))
 
@@ -62,9 +63,20 @@ class PagedMoELoader:
         if not geometry.expert_nbytes:
             raise CheckpointError(f"{request.model_path}: no stacked expert tensors found; use the 'dense' "
                                   f"loader for it", str(request.model_path))
-        count = len(geometry.expert_nbytes)
-        layout = ExpertLayout([geometry.num_experts] * count, geometry.expert_nbytes, geometry.expert_nbytes)
-        return _budget(request, layout, geometry.non_expert_bytes, geometry.activation_bytes, geometry.config).plan
+        share = planned_layers(request.options, int(text_config(geometry.config)["num_hidden_layers"]))
+        if share is None:
+            count = len(geometry.expert_nbytes)
+            layout = ExpertLayout([geometry.num_experts] * count, geometry.expert_nbytes, geometry.expert_nbytes)
+            return _budget(request, layout, geometry.non_expert_bytes, geometry.activation_bytes, geometry.config).plan
+        # A pipeline rank: only its layers' weights, KV cache, slots and experts.
+        layers, rank, size = share
+        own = [n for n, layer in zip(geometry.expert_nbytes, geometry.expert_layers) if layer in layers]
+        layout = ExpertLayout([geometry.num_experts] * len(own), own, own)
+        plan = _budget(request, layout, geometry.non_expert_bytes_of(layers), geometry.activation_bytes,
+                       geometry.config, layers).plan
+        plan.notes.insert(0, f"pipeline rank {rank} of {size}: layers {layers.start}-{layers.stop - 1}, "
+                             f"{len(own)} of {len(geometry.expert_nbytes)} MoE layers (this plan is this rank's share)")
+        return plan
 
     def load(self, request: LoadRequest) -> LoadedModel:
         paging = request.options
@@ -112,7 +124,8 @@ class PagedMoELoader:
                               [layer.expert_nbytes for layer in index.layers],
                               [layer.read_nbytes for layer in index.layers])
         geometry = checkpoint_geometry(path, entries)
-        budget = _budget(request, layout, non_expert_bytes, geometry.activation_bytes, geometry.config)
+        budget = _budget(request, layout, non_expert_bytes, geometry.activation_bytes, geometry.config,
+                         range(shard.start, shard.end) if shard is not None else None)
         num_slots, ram_budget = budget.slots_per_layer, budget.ram_budget
         info = {
             "k_override": paging.k_override,
@@ -173,6 +186,10 @@ class PagedMoELoader:
             shard.finish()
             store.close()
 
-        return LoadedModel(model=model, tokenizer=tokenizer, stats=store.snapshot, reset_stats=store.reset_stats,
+        def reset_stats() -> None:
+            store.reset_stats()
+            shard.timer.reset()
+
+        return LoadedModel(model=model, tokenizer=tokenizer, stats=store.snapshot, reset_stats=reset_stats,
                            close=close, explain_error=shard.explain_error,
                            result_stats=lambda: shard.gather_stats(store.snapshot()))
