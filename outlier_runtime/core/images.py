@@ -154,13 +154,38 @@ def load_image(source: ImageInput, which: str = "image 1", *, allow_paths: bool 
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def check_tier_takes_images(manifest: Any) -> None:
+    """Refuse images for a tier whose manifest does not declare image input (before loading it)."""
+    if not manifest.model.image_input:
+        raise ParameterError(
+            f"images: tier {manifest.name!r} takes text only (its manifest sets no `[model] image_input`); "
+            f"send images to a tier with image input, such as `vision`.", param="images")
+
+
+def images_for_tier(tier: str, overrides: dict[str, Any], sources: Sequence[ImageInput]) -> list[Any]:
+    """The images decoded for ``tier`` before it loads (the CLI): a text-only tier, a missing
+    file or a bad image costs no load time."""
+    from outlier_runtime.core.catalog import resolve_tier
+    from outlier_runtime.core.plugin_manager import get_registry
+
+    check_tier_takes_images(resolve_tier(tier, get_registry(), overrides))
+    return load_images(sources)
+
+
 def load_images(sources: Sequence[ImageInput], *, allow_paths: bool = True) -> list[Any]:
     """Every image decoded (see :func:`load_image`), at most ``MAX_IMAGES``."""
     sources = list(sources)
     if len(sources) > MAX_IMAGES:
-        raise ParameterError(f"images: {len(sources)} images, more than {MAX_IMAGES} per call; send fewer.",
-                             param="images")
-    return [load_image(source, f"image {i}", allow_paths=allow_paths) for i, source in enumerate(sources, 1)]
+        raise ParameterError(f"images (--image): {len(sources)} images, more than {MAX_IMAGES} per call; "
+                             f"send fewer.", param="images")
+    return [load_image(source, _label(source, i), allow_paths=allow_paths) for i, source in enumerate(sources, 1)]
+
+
+def _label(source: Any, number: int) -> str:
+    """``image N``, with the file's name when the image is a local path (never a data: URL's bytes)."""
+    if isinstance(source, Path) or (isinstance(source, str) and url_kind(source) == "path" and len(source) < 512):
+        return f"image {number} ({source})"
+    return f"image {number}"
 
 
 def part_source(part: dict[str, Any]) -> Any:

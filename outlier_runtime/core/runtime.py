@@ -13,7 +13,7 @@ import mlx.core as mx
 from outlier_runtime.core.chat_encoding import encode_chat
 from outlier_runtime.core.env_flags import check_env_flags
 from outlier_runtime.core.errors import ParameterError, RuntimeClosedError
-from outlier_runtime.core.images import ImageInput, load_images, split_images
+from outlier_runtime.core.images import ImageInput, check_tier_takes_images, load_images, split_images
 from outlier_runtime.core.manifest import TierManifest
 from outlier_runtime.core.memory import MemoryPlan
 from outlier_runtime.core.plugin_manager import get_registry
@@ -108,10 +108,7 @@ class Runtime:
         return self._require().vision is None
 
     def _check_images_allowed(self) -> None:
-        if not self.manifest.model.image_input:
-            raise ParameterError(
-                f"images: tier {self.name!r} takes text only (its manifest sets no `[model] image_input`); "
-                f"send images to a tier with image input, such as `vision`.", param="images")
+        check_tier_takes_images(self.manifest)
         if self._require().vision is None:
             raise ParameterError(
                 f"images: tier {self.name!r} sets image_input but its loader {self.manifest.loader.name!r} "
@@ -185,7 +182,8 @@ class Runtime:
         before the prompt's text; chat messages may also carry image content parts.
         ``sampling`` takes ``top_k``, ``min_p``, ``repetition_penalty``, ``presence_penalty`` and
         ``frequency_penalty`` (mlx-lm's sampler and logits processors)."""
-        check_generation(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, **sampling)
+        check_generation(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                         images=None if images is None else list(images), **sampling)
         prepared = self._prepare(prompt, chat, images)
         return (yield from self._stream(prepared, max_tokens=max_tokens, temperature=temperature,
                                         top_p=top_p, seed=seed, stop=stop, **sampling))

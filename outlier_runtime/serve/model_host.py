@@ -26,6 +26,7 @@ from typing import Any, Callable
 from outlier_runtime.core.errors import AdmissionError, OutlierError, ParameterError, TierNotFoundError
 from outlier_runtime.core.manifest import TierManifest
 from outlier_runtime.core.params import check_generation
+from outlier_runtime.core.images import has_images
 from outlier_runtime.core.prompt_cache import PrefixCache
 from outlier_runtime.serve.openai_api import MODEL_PREFIX, ApiError
 from outlier_runtime.core.runtime import Prompt, Runtime
@@ -208,8 +209,11 @@ class ModelHost:
             prompt_tokens = len(tokens)
             budget = token_budget(runtime, prompt_tokens, job.max_tokens, job.prompt_param)
             job.emit("started", prompt_tokens)
-            with contextlib.closing(self.prompt_cache.stream(runtime, tokens, max_tokens=budget,
-                                                             **job.options)) as chunks:
+            if has_images(job.prompt):  # the images go with the messages; no KV cache holds pixels
+                stream = runtime.stream(job.prompt, chat=job.chat, max_tokens=budget, **job.options)
+            else:
+                stream = self.prompt_cache.stream(runtime, tokens, max_tokens=budget, **job.options)
+            with contextlib.closing(stream) as chunks:
                 for chunk in chunks:
                     job.emit("chunk", chunk.text)
                     if job.cancelled.is_set():

@@ -29,6 +29,8 @@ MAX_MESSAGES = 1024
 #: Characters per message content (or prompt); the context-window check comes later, on tokens.
 MAX_CONTENT_CHARS = 1_000_000
 MAX_STOPS = 16
+#: Characters of one image_url (a data: URL); the request body bound (serve/guard.py) is lower.
+MAX_IMAGE_URL_CHARS = 32 * 2**20
 MAX_STOP_CHARS = 256
 #: ``seed`` is an unsigned 64-bit integer (what mlx's generator takes).
 MAX_SEED = 2**64 - 1
@@ -115,12 +117,35 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class ImageUrl(_Strict):
+    #: A ``data:`` URL (base64), or a local path when the server allows them; never fetched from a network.
+    url: Annotated[str, Field(max_length=MAX_IMAGE_URL_CHARS)]
+    #: OpenAI's resolution hint; the model's processor decides the resolution here.
+    detail: Optional[Literal["auto", "low", "high"]] = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: Content
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _bare_url(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value  # some clients send the URL alone
+
+
 class ChatMessage(_Strict):
     """A chat message for the tokenizer's chat template. Tool and function messages are not supported."""
 
     role: Literal["system", "developer", "user", "assistant"]
-    #: A string, or a list of text parts (``{"type": "text", "text": ...}``), joined.
-    content: Content = ""
+    #: A string; a list of text parts (``{"type": "text", "text": ...}``), joined; or text and
+    #: ``image_url`` parts (vision tiers), kept in order.
+    content: Union[Content, list[Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]]] = ""
     #: Harmless: chat templates have no place for a participant name.
     name: Optional[Text] = None
 
@@ -131,15 +156,24 @@ class ChatMessage(_Strict):
             return ""
         if not isinstance(content, list):
             return content
-        if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-                   for part in content):
-            raise ValueError('only text content parts ({"type": "text", "text": "..."}) are supported; '
-                             "images, audio and files are not")
-        return "".join(part["text"] for part in content)
+        if not all(isinstance(part, dict) and part.get("type") in ("text", "image_url") for part in content):
+            raise ValueError('only text and image_url content parts ({"type": "text", "text": "..."}, '
+                             '{"type": "image_url", "image_url": {"url": "data:..."}}) are supported; '
+                             "audio and files are not")
+        if all(part.get("type") == "text" and isinstance(part.get("text"), str) for part in content):
+            return "".join(part["text"] for part in content)
+        return content
 
-    def to_template(self) -> dict[str, str]:
+    def to_template(self) -> dict[str, Any]:
         # "developer" is OpenAI's newer name for the system message.
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+        role = "system" if self.role == "developer" else self.role
+        if isinstance(self.content, str):
+            return {"role": role, "content": self.content}
+        return {"role": role, "content": [part.model_dump(exclude_none=True) for part in self.content]}
+
+    def image_urls(self) -> list[str]:
+        return [] if isinstance(self.content, str) else [p.image_url.url for p in self.content
+                                                         if isinstance(p, ImagePart)]
 
 
 class _GenerationRequest(_Strict):

@@ -33,6 +33,7 @@ from outlier_runtime.serve.connections import DEFAULT_HEAD_TIMEOUT, DEFAULT_MAX_
 from outlier_runtime.serve.guard import BodyGuard, GuardConfig, HostGuard
 from outlier_runtime.core.memory import GB
 from outlier_runtime.serve.content_type import JsonBodies
+from outlier_runtime.serve.image_parts import check_image_urls
 from outlier_runtime.serve.model_host import GenerationJob, ModelHost
 from outlier_runtime.serve.models_api import model_entries
 from outlier_runtime.serve.openai_api import (
@@ -91,6 +92,8 @@ class ServerConfig:
     prompt_cache_gb: float = DEFAULT_PROMPT_CACHE_GB
     #: Whether a request may start downloading a tier's weights (else a 503 says `outlier pull TIER`).
     allow_download: bool = False
+    #: Whether image_url parts may name files on the server's disk (else data: URLs only).
+    allow_local_images: bool = False
 
     def load_overrides(self, tier: str) -> dict[str, Any]:
         """The overrides ``load(tier, ...)`` gets: the paging knobs its loader accepts, then the tier's own."""
@@ -294,6 +297,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         body.check_supported()
         tier = host.tier_for(body.model)
+        check_image_urls([url for message in body.messages for url in message.image_urls()],
+                         allow_local=config.allow_local_images)
         messages = [message.to_template() for message in body.messages]
         job = _job(body, tier, messages, chat=True, prompt_param="messages")
         return await _respond(request, host, job, Reply(True, body.model, body.include_usage), body.stream)
