@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, ClassVar, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
 from outlier_runtime.core.params import SAMPLING_EXTRAS
 from outlier_runtime.core.results import GenerationResult
@@ -93,7 +93,7 @@ def validation_error(exc: ValidationError | Any) -> ApiError:
     if not errors:
         return ApiError(400, "Invalid request body.")
     error = errors[0]
-    location = [str(part) for part in error.get("loc", ()) if part != "body"]
+    location = [str(part) for part in error.get("loc", ()) if part not in ("body", _STRING_CONTENT, _PARTS_CONTENT)]
     param = ".".join(location) or None
     if error.get("type") == "extra_forbidden":
         return ApiError(400, f"Unrecognized request argument supplied: {param}", param=param,
@@ -139,13 +139,27 @@ class ImagePart(_Strict):
         return {"url": value} if isinstance(value, str) else value  # some clients send the URL alone
 
 
+def _content_kind(value: Any) -> str:
+    return _STRING_CONTENT if isinstance(value, str) else _PARTS_CONTENT
+
+
+# Tags of the two shapes of a message's content; left out of the field path an error names, so a
+# too-long string is still `messages.0.content`.
+_STRING_CONTENT, _PARTS_CONTENT = "<string>", "<parts>"
+MessageContent = Annotated[
+    Union[Annotated[Content, Tag(_STRING_CONTENT)],
+          Annotated[list[Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]], Tag(_PARTS_CONTENT)]],
+    Discriminator(_content_kind),
+]
+
+
 class ChatMessage(_Strict):
     """A chat message for the tokenizer's chat template. Tool and function messages are not supported."""
 
     role: Literal["system", "developer", "user", "assistant"]
     #: A string; a list of text parts (``{"type": "text", "text": ...}``), joined; or text and
     #: ``image_url`` parts (vision tiers), kept in order.
-    content: Union[Content, list[Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]]] = ""
+    content: MessageContent = ""
     #: Harmless: chat templates have no place for a participant name.
     name: Optional[Text] = None
 
