@@ -231,3 +231,25 @@ def test_cli_bad_images_are_one_line_and_exit_2(tiny_vlm_dir, tmp_path, case, me
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
     assert message.format(png_dir=tmp_path) in result.stderr
     assert "loaded" not in result.stderr  # refused before loading anything
+
+
+def test_a_tier_declaring_images_on_a_text_only_loader_says_which_loader_to_use(tiny, cat_png):
+    with outlier_runtime.load("nano", model=str(tiny("llama")), force=True, **{"model.image_input": True}) as rt:
+        assert not rt.accepts_images and rt.reuses_prompt_cache
+        with pytest.raises(ParameterError, match="its loader 'dense' builds a text-only model; use `\\[loader\\] "
+                                                 "name = \"vlm\"`"):
+            rt.generate("hi", images=[cat_png], max_tokens=2)
+
+
+def test_the_vlm_loader_options_are_declared_and_read(tiny_vlm_dir, vision, cat_png):
+    listing = json.loads(outlier("plugins", "--options", "--json").stdout)
+    options = next(p for p in listing if "vlm" in p["provides"].get("loader", []))["options"]["loader"]["vlm"]
+    assert {o["name"] for o in options} == {"lazy_load", "prefill_step_size"}
+    expected = vision.generate(PROMPT, images=[cat_png], max_tokens=MAX_TOKENS, temperature=0).tokens
+    # Lazily read weights and a chunked prefill compute the same greedy tokens.
+    with outlier_runtime.load("vision", model=str(tiny_vlm_dir), force=True, lazy_load=True,
+                              prefill_step_size=16) as lazy:
+        assert lazy.manifest.loader_options.lazy_load and lazy.manifest.loader_options.prefill_step_size == 16
+        assert lazy.generate(PROMPT, images=[cat_png], max_tokens=MAX_TOKENS, temperature=0).tokens == expected
+    with pytest.raises(OutlierError, match="prefill_step_size"):
+        outlier_runtime.load("vision", model=str(tiny_vlm_dir), force=True, prefill_step_size=0)
