@@ -2,7 +2,9 @@
 
 The Vision tier's architecture (``qwen3_5_moe``: a Qwen3-VL vision tower in front of the
 Qwen3.5 MoE language model) with a few thousand parameters: mlx-vlm's own model class built
-from a small config, given seeded random float32 weights, written with mlx's safetensors
+from a small config, given seeded random float32 weights, its language model quantized as the
+product's checkpoints are (4-bit affine, group 64, float32 scales: fast on mlx's CPU backend;
+the vision tower stays float, as mlx-vlm's converter leaves it), written with mlx's safetensors
 writer next to the files mlx-vlm's processor reads (``preprocessor_config.json`` for the
 image processor; ``tokenizer.json`` / ``tokenizer_config.json`` with a chat template that
 places Qwen's vision tokens). The tokenizer is the tiny BPE of :mod:`tiny_models` plus
@@ -27,6 +29,8 @@ from tokenizers import AddedToken, Tokenizer
 
 from outlier_runtime.testing.tiny_models import (
     DEFAULT_VOCAB_SIZE,
+    QUANT_BITS,
+    QUANT_GROUP_SIZE,
     _building,
     _randomize,
     default_cache_dir,
@@ -35,7 +39,7 @@ from outlier_runtime.testing.tiny_models import (
 )
 
 #: Bump when the builder changes what it writes, so cached models are rebuilt.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 ARCH = "qwen3_5_moe"
 
 #: Qwen's vision special tokens, appended after the tiny BPE's vocabulary (in this order).
@@ -138,8 +142,8 @@ def _write_processor_files(out: Path, tokenizer: Tokenizer, base_dir: Path) -> N
     (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen3VLProcessor"}, indent=2))
 
 
-def build_tiny_vlm(out_dir: Path | str, *, seed: int = 0, cache_dir: Path | str | None = None,
-                   **shape: Any) -> Path:
+def build_tiny_vlm(out_dir: Path | str, *, seed: int = 0, quantize: bool = True,
+                   cache_dir: Path | str | None = None, **shape: Any) -> Path:
     """Write the tiny VLM to ``out_dir`` (created, must be empty) and return its path.
 
     ``shape`` takes ``hidden_size``, ``num_layers``, ``num_experts``, ``top_k``."""
@@ -154,6 +158,13 @@ def build_tiny_vlm(out_dir: Path | str, *, seed: int = 0, cache_dir: Path | str 
     config = tiny_vlm_config(vocab_size, eos_id, token_ids, **shape)
     model = qwen3_5_moe.Model(qwen3_5_moe.ModelConfig.from_dict(config))
     _randomize(model, f"{ARCH}-vlm", seed)
+    if quantize:
+        import mlx.nn as nn
+        from mlx_vlm.utils import get_class_predicate
+
+        nn.quantize(model, group_size=QUANT_GROUP_SIZE, bits=QUANT_BITS, mode="affine",
+                    class_predicate=get_class_predicate(skip_vision=True))
+        config["quantization"] = {"group_size": QUANT_GROUP_SIZE, "bits": QUANT_BITS, "mode": "affine"}
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -161,15 +172,15 @@ def build_tiny_vlm(out_dir: Path | str, *, seed: int = 0, cache_dir: Path | str 
     return out
 
 
-def tiny_vlm(*, cache_dir: Path | str | None = None, seed: int = 0, **shape: Any) -> Path:
+def tiny_vlm(*, cache_dir: Path | str | None = None, seed: int = 0, quantize: bool = True, **shape: Any) -> Path:
     """The path of the cached tiny VLM built with these arguments; built on first use."""
     import mlx_vlm
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = {"seed": seed, **shape, "builder": BUILDER_VERSION, "mlx_vlm": mlx_vlm.__version__}
+    key = {"seed": seed, "quantize": quantize, **shape, "builder": BUILDER_VERSION, "mlx_vlm": mlx_vlm.__version__}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     target = cache / f"{ARCH}-vlm-{digest[:16]}"
     if not target.exists():
         with _building(target) as tmp:
-            build_tiny_vlm(tmp, seed=seed, cache_dir=cache, **shape)
+            build_tiny_vlm(tmp, seed=seed, quantize=quantize, cache_dir=cache, **shape)
     return target
