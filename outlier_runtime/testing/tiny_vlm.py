@@ -39,7 +39,7 @@ from outlier_runtime.testing.tiny_models import (
 )
 
 #: Bump when the builder changes what it writes, so cached models are rebuilt.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 ARCH = "qwen3_5_moe"
 
 #: Qwen's vision special tokens, appended after the tiny BPE's vocabulary (in this order).
@@ -48,6 +48,9 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video
 #: ChatML that renders an image content part as Qwen does: start, one pad (the processor
 #: repeats it once per merged patch), end.
 VLM_CHAT_TEMPLATE = (
+    # mlx-vlm passes enable_thinking (false) to templates that may use it, as Qwen's do; naming
+    # it here keeps transformers from warning about an unused template argument.
+    "{% set thinking = enable_thinking | default(false) %}"
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}"
