@@ -253,3 +253,22 @@ def test_the_vlm_loader_options_are_declared_and_read(tiny_vlm_dir, vision, cat_
         assert lazy.generate(PROMPT, images=[cat_png], max_tokens=MAX_TOKENS, temperature=0).tokens == expected
     with pytest.raises(OutlierError, match="prefill_step_size"):
         outlier_runtime.load("vision", model=str(tiny_vlm_dir), force=True, prefill_step_size=0)
+
+
+def _vlm_response(text, token, finish=None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(text=text, token=token, finish_reason=finish, prompt_tps=10.0, generation_tps=5.0)
+
+
+def test_mlx_vlm_responses_become_one_per_token_as_mlx_lm_yields_them():
+    from outlier_vlm.loader import per_token
+
+    # A length stop: mlx-vlm repeats the last token with the detokenizer's remaining text.
+    steps = list(per_token(iter([_vlm_response("a", 1), _vlm_response("b", 2), _vlm_response("c", 2, "length")])))
+    assert [(s.text, s.token, s.finish_reason) for s in steps] == [("a", 1, None), ("bc", 2, "length")]
+    # An end-of-sequence stop: the EOS token comes only in the final response.
+    steps = list(per_token(iter([_vlm_response("a", 1), _vlm_response("", 9, "stop")])))
+    assert [(s.text, s.token, s.finish_reason) for s in steps] == [("a", 1, None), ("", 9, "stop")]
+    # Nothing generated.
+    assert list(per_token(iter([_vlm_response("", None, "length")]))) == []
