@@ -2,15 +2,17 @@
 
 Each round creates a new virtual environment and times `pip install -q -e ".[EXTRAS]"` (the
 README's test command installs `.[test,vision]`), alternating the two so machine load falls on
-both. Writes a JSON with provenance and every timing. Run from the repository root:
+both. Writes a JSON with provenance and every timing. Run from the repository root, with the
+project's venv (the provenance reads the installed versions):
 
-    python3 tools/measure_install_time.py [--rounds 2] [--out docs/bench/vision-install-times.json]
+    .venv/bin/python tools/measure_install_time.py [--rounds 3] [--out docs/bench/vision-install-times.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -37,7 +39,7 @@ def time_install(extras: str, work: Path) -> tuple[float, list[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "vision-install-times.json")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -63,7 +65,8 @@ def main() -> None:
         # A pin of .[test] that .[test,vision] resolves differently (expected: none).
         "test_pins_changed_by_vision": changed,
     }
-    report = {"provenance": provenance(" ".join(["python3", "tools/measure_install_time.py", *sys.argv[1:]])),
+    command = " ".join([os.path.relpath(sys.executable, ROOT), "tools/measure_install_time.py", *sys.argv[1:]])
+    report = {"provenance": provenance(command),
               "config": {"rounds": args.rounds, "extras": list(EXTRAS),
                          "pip_command": "pip install -q -e .[EXTRAS] in a fresh venv"},
               "timings_seconds": timings, "summary": summary}
