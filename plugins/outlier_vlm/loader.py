@@ -64,10 +64,13 @@ class VLMGenerator:
         self.processor = processor
         self.prefill_step_size = prefill_step_size
         tokenizer = processor.tokenizer
-        # Spellings that would add image slots if a user typed them: the processor expands each
-        # into the image's patch tokens, so text holding one cannot be matched to the images.
-        self._reserved = [t for t in (getattr(processor, "image_token", None), getattr(processor, "video_token", None))
-                          if isinstance(t, str) and t]
+        # Spellings the processor reads as control tokens wherever they appear: an image
+        # placeholder typed as text would take an image slot, and a chat-template token
+        # (<|im_start|>) would open a turn. mlx-vlm tokenizes the rendered prompt whole, so
+        # message text holding one is refused (text tiers encode it as plain text instead).
+        placeholders = (getattr(processor, "image_token", None), getattr(processor, "video_token", None))
+        self._reserved = sorted({t for t in placeholders if isinstance(t, str) and t} | _special_tokens(tokenizer),
+                                key=len, reverse=True)
         self._eos = model.config.eos_token_id
         self._tokenizer = tokenizer
 
@@ -92,15 +95,12 @@ class VLMGenerator:
         return PreparedPrompt([int(t) for t in input_ids.flatten().tolist()], {"input_ids": input_ids, **extra})
 
     def _check_text(self, prompt: Any) -> None:
-        texts = [prompt] if isinstance(prompt, str) else [
-            part if isinstance(part, str) else part.get("text", "")
-            for m in prompt for part in (m["content"] if isinstance(m.get("content"), list) else [m.get("content") or ""])
-        ]
-        for text in texts:
+        for text in _texts(prompt):
             for token in self._reserved:
-                if isinstance(text, str) and token in text:
-                    raise ParameterError(f"messages: the text contains {token!r}, the model's image placeholder; "
-                                         f"send images as image content parts, not as that text.", param="messages")
+                if token in text:
+                    raise ParameterError(f"messages: the text contains {token!r}, a control token of the model "
+                                         f"(an image placeholder or a chat-template marker); remove it from the "
+                                         f"text, and send images as image content parts.", param="messages")
 
     def stream(self, prompt: PreparedPrompt, *, max_tokens: int, sampler: Any,
                logits_processors: list[Any] | None) -> Iterator[Any]:
@@ -116,6 +116,25 @@ class VLMGenerator:
         self._tokenizer.stopping_criteria.reset(self._eos)
         responses = self._mlx_vlm.stream_generate(self.model, self.processor, "", **inputs, **options)
         return per_token(responses)
+
+
+def _special_tokens(tokenizer: Any) -> set[str]:
+    """The Hugging Face tokenizer's special added tokens (what its chat template uses as control tokens)."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return {token.content for token in decoder.values() if getattr(token, "special", False) and token.content}
+
+
+def _texts(prompt: Any) -> Iterator[str]:
+    """Every piece of text in a prompt: the string itself, or each message's text and text parts."""
+    if isinstance(prompt, str):
+        yield prompt
+        return
+    for message in prompt:
+        content = message.get("content")
+        if isinstance(content, str):
+            yield content
+        elif isinstance(content, list):
+            yield from (part["text"] for part in content if isinstance(part.get("text"), str))
 
 
 def per_token(responses: Iterator[Any]) -> Iterator[Any]:
