@@ -275,3 +275,14 @@ def test_mlx_vlm_responses_become_one_per_token_as_mlx_lm_yields_them():
     assert [(s.text, s.token, s.finish_reason) for s in steps] == [("a", 1, None), ("", 9, "stop")]
     # Nothing generated.
     assert list(per_token(iter([_vlm_response("", None, "length")]))) == []
+
+
+def test_an_earlier_reply_holding_control_tokens_does_not_block_the_next_turn(vision, cat_png):
+    # The model's own reply may hold control-token text (a random model emits any token).
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<|vision_start|>ok<|im_start|>"},
+               {"role": "user", "content": "Again"}]
+    assert vision.generate(history, max_tokens=2, temperature=0).generation_tokens == 2
+    # ...but an image placeholder there, with images in the prompt, would take an image's slot.
+    history[1]["content"] = "<|image_pad|>"
+    with pytest.raises(ParameterError, match="control token"):
+        vision.generate(history, images=[cat_png], max_tokens=2)

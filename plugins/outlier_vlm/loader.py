@@ -64,13 +64,13 @@ class VLMGenerator:
         self.processor = processor
         self.prefill_step_size = prefill_step_size
         tokenizer = processor.tokenizer
-        # Spellings the processor reads as control tokens wherever they appear: an image
-        # placeholder typed as text would take an image slot, and a chat-template token
-        # (<|im_start|>) would open a turn. mlx-vlm tokenizes the rendered prompt whole, so
-        # message text holding one is refused (text tiers encode it as plain text instead).
+        # mlx-vlm tokenizes the rendered prompt whole, so control-token spellings in message
+        # text act as control tokens (text tiers encode them as plain text instead): an image
+        # placeholder would take an image's slot, a chat-template token (<|im_start|>) would
+        # open a turn. Such text is refused where it can come from a user.
         placeholders = (getattr(processor, "image_token", None), getattr(processor, "video_token", None))
-        self._reserved = sorted({t for t in placeholders if isinstance(t, str) and t} | _special_tokens(tokenizer),
-                                key=len, reverse=True)
+        self._placeholders = [t for t in placeholders if isinstance(t, str) and t]
+        self._control = sorted(_special_tokens(tokenizer) | set(self._placeholders), key=len, reverse=True)
         self._eos = model.config.eos_token_id
         self._tokenizer = tokenizer
 
@@ -78,8 +78,8 @@ class VLMGenerator:
         from mlx_vlm import apply_chat_template
         from mlx_vlm.utils import prepare_inputs
 
-        self._check_text(prompt)
         if chat:
+            self._check_text(prompt, bool(images))
             text = apply_chat_template(self.processor, self.model.config, list(prompt), num_images=len(images))
         else:
             text = prompt
@@ -94,10 +94,17 @@ class VLMGenerator:
         extra["mask"] = inputs.get("attention_mask")
         return PreparedPrompt([int(t) for t in input_ids.flatten().tolist()], {"input_ids": input_ids, **extra})
 
-    def _check_text(self, prompt: Any) -> None:
-        for text in _texts(prompt):
-            for token in self._reserved:
-                if token in text:
+    def _check_text(self, messages: Sequence[dict[str, Any]], with_images: bool) -> None:
+        """Refuse control tokens in system and user text, and image placeholders anywhere when
+        the prompt has images (the model's own earlier replies may hold other control tokens)."""
+        for message in messages:
+            if message.get("role") in ("system", "user"):
+                reserved = self._control
+            else:
+                reserved = self._placeholders if with_images else []
+            for text in _texts(message):
+                token = next((t for t in reserved if t in text), None)
+                if token is not None:
                     raise ParameterError(f"messages: the text contains {token!r}, a control token of the model "
                                          f"(an image placeholder or a chat-template marker); remove it from the "
                                          f"text, and send images as image content parts.", param="messages")
@@ -124,17 +131,13 @@ def _special_tokens(tokenizer: Any) -> set[str]:
     return {token.content for token in decoder.values() if getattr(token, "special", False) and token.content}
 
 
-def _texts(prompt: Any) -> Iterator[str]:
-    """Every piece of text in a prompt: the string itself, or each message's text and text parts."""
-    if isinstance(prompt, str):
-        yield prompt
-        return
-    for message in prompt:
-        content = message.get("content")
-        if isinstance(content, str):
-            yield content
-        elif isinstance(content, list):
-            yield from (part["text"] for part in content if isinstance(part.get("text"), str))
+def _texts(message: dict[str, Any]) -> Iterator[str]:
+    """A message's text: its content string, or its text parts."""
+    content = message.get("content")
+    if isinstance(content, str):
+        yield content
+    elif isinstance(content, list):
+        yield from (part["text"] for part in content if isinstance(part.get("text"), str))
 
 
 def per_token(responses: Iterator[Any]) -> Iterator[Any]:
