@@ -296,14 +296,19 @@ def _print_ranks(ranks: list[dict[str, Any]], prefix: str) -> None:
 
 
 def _run(tier: str, prompt: str, overrides: dict[str, Any], force: bool, generation: dict[str, Any],
-         chat: bool | None, stats: bool, as_json: bool, echo: bool | None = None) -> None:
+         chat: bool | None, stats: bool, as_json: bool, echo: bool | None = None,
+         image_paths: tuple[str, ...] = ()) -> None:
     import time
 
     import outlier_runtime
     from outlier_runtime.core.params import check_generation
 
     options = {k: v for k, v in generation.items() if v is not None}
-    check_generation(prompt, **options)  # before loading: a bad flag costs no load time
+    check_generation(prompt, images=list(image_paths) or None, **options)  # before loading: a bad flag costs no load time
+    if image_paths:
+        from outlier_runtime.core.images import images_for_tier
+
+        options["images"] = images_for_tier(tier, overrides, image_paths)  # decoded and checked before loading
     started = time.perf_counter()
     runtime = outlier_runtime.load(tier, force=force, **overrides)
     rank = _pipeline_rank(runtime)
@@ -357,6 +362,8 @@ def _read_prompt(prompt: str) -> str:
 @_generation_options
 @click.option("--chat/--raw", default=None, help="Wrap the prompt in the chat template, or not.")
 @click.option("--echo/--no-echo", default=None, help="Print the prompt before the reply (default: in --raw mode only).")
+@click.option("--image", "image_paths", multiple=True, metavar="PATH",
+              help="An image for a vision tier (repeatable; PNG, JPEG, WebP, GIF, BMP; docs/vision.md).")
 @click.option("--stats", is_flag=True, help="Print paging statistics per layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON result instead of streaming.")
 @click.option("--hostfile", type=click.Path(dir_okay=False),
@@ -369,8 +376,8 @@ def _read_prompt(prompt: str) -> str:
 def run(ctx: click.Context, tier: str, prompt: str, model: str | None, k_override: int | None, cache_gb: float | None,
         reader: str | None, cache_policy: str | None, mmap_experts: bool | None,
         experts_per_token: int | None, prefetcher: str | None, settings: tuple[str, ...], force: bool,
-        chat: bool | None, echo: bool | None, stats: bool, as_json: bool, hostfile: str | None,
-        backend: str | None, starting_port: int | None, **generation: Any) -> None:
+        chat: bool | None, echo: bool | None, image_paths: tuple[str, ...], stats: bool, as_json: bool,
+        hostfile: str | None, backend: str | None, starting_port: int | None, **generation: Any) -> None:
     """Generate from TIER, streaming tokens and printing tok/s. PROMPT `-` reads standard input."""
     if hostfile is not None:
         from outlier_runtime import launcher
@@ -379,7 +386,7 @@ def run(ctx: click.Context, tier: str, prompt: str, model: str | None, k_overrid
     overrides = _overrides(settings, model=model, k_override=k_override, cache_gb=cache_gb, reader=reader,
                            cache_policy=cache_policy, mmap_experts=mmap_experts,
                            experts_per_token=experts_per_token, prefetcher=prefetcher)
-    _run(tier, _read_prompt(prompt), overrides, force, generation, chat, stats, as_json, echo)
+    _run(tier, _read_prompt(prompt), overrides, force, generation, chat, stats, as_json, echo, image_paths)
 
 
 @main.command()
@@ -450,6 +457,8 @@ def demo(prompt: str, max_tokens: int, k_override: int, cache_gb: float, reader:
 @click.option("--max-batch", type=click.IntRange(1, 64), default=8, show_default=True,
               help="Concurrent requests to the loaded tier decoded together at most (a paged MoE reads the "
                    "experts they share once per step); 1 decodes one request at a time.")
+@click.option("--allow-local-images", is_flag=True,
+              help="Let image_url parts name files on this machine (else data: URLs only; network URLs never).")
 @_paging_options
 @click.option("--hostfile", type=click.Path(dir_okay=False),
               help="Serve a pipeline across the hosts of this mlx.launch hostfile: rank 0 serves HTTP, "
@@ -462,6 +471,7 @@ def demo(prompt: str, max_tokens: int, k_override: int, cache_gb: float, reader:
 def serve(ctx: click.Context, host: str, port: int, api_key: str | None, preload: str | None,
           tier_overrides: tuple[str, ...], allowed_hosts: tuple[str, ...], max_connections: int,
           prompt_cache_gb: float, memory_gb: float | None, allow_download: bool, max_batch: int,
+          allow_local_images: bool,
           model: str | None, k_override: int | None,
           cache_gb: float | None, reader: str | None, cache_policy: str | None, mmap_experts: bool | None,
           experts_per_token: int | None, prefetcher: str | None, settings: tuple[str, ...], force: bool,
@@ -494,7 +504,7 @@ def serve(ctx: click.Context, host: str, port: int, api_key: str | None, preload
                             tier_overrides=overrides, paging_overrides=paging, preload=preload,
                             allowed_hosts=list(allowed_hosts), max_connections=max_connections,
                             prompt_cache_gb=prompt_cache_gb, memory_gb=memory_gb, allow_download=allow_download,
-                            max_batch=max_batch))
+                            max_batch=max_batch, allow_local_images=allow_local_images))
 
 
 def _check_model_paths(overrides: dict[str, dict[str, Any]]) -> None:

@@ -25,6 +25,14 @@ def tiny(tiny_cache: Path):
     return build
 
 
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tiny_cache: Path) -> Path:
+    """A tiny qwen3_5_moe vision-language model (mlx-vlm layout), built once per session."""
+    from outlier_runtime.testing.tiny_vlm import tiny_vlm
+
+    return tiny_vlm(cache_dir=tiny_cache)
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """No test reads or writes the developer's ~/.config/outlier."""

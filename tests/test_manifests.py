@@ -21,7 +21,7 @@ BUILTIN = {
     "quick": ("Quick", "small-moe", 16, 15.6, "mlx-community/gemma-4-26b-a4b-it-4bit", "dense"),
     "compact": ("Core", "dense", 24, 15.1, "mlx-community/Qwen3.6-27B-4bit", "dense"),
     "code": ("Code", "dense", 24, 15.1, "mlx-community/Qwen3.6-27B-4bit", "dense"),
-    "vision": ("Vision", "small-moe", 24, 19, "mlx-community/Qwen3.6-35B-A3B-4bit", "dense"),
+    "vision": ("Vision", "small-moe", 24, 19, "mlx-community/Qwen3.6-35B-A3B-4bit", "vlm"),
     "plus": ("Plus", "large-moe", 32, 209, "mlx-community/Qwen3.5-397B-A17B-4bit", "paged_moe"),
 }
 

@@ -150,8 +150,12 @@ def test_unsupported_options_are_refused_with_an_openai_error(server):
     forced = _post(server, "/chat/completions", {**chat, "tool_choice": "required"})
     assert _error(forced, 400)["param"] == "tool_choice"
     assert _error(_post(server, "/chat/completions", {**chat, "frobnicate": 1}), 400)["param"] == "frobnicate"
+    # An image for a text-only tier: refused naming the tier (the Vision tier takes them: test_vision_server.py).
     image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}
-    assert _error(_post(server, "/chat/completions", {**chat, "messages": [image]}), 400)["param"] == "messages.0.content"
+    error = _error(_post(server, "/chat/completions", {**chat, "messages": [image]}), 400)
+    assert error["param"] == "images" and "tier 'nano' takes text only" in error["message"]
+    audio = {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}
+    assert _error(_post(server, "/chat/completions", {**chat, "messages": [audio]}), 400)["param"] == "messages.0.content"
     assert _error(_post(server, "/completions", {"model": "outlier-nano", "prompt": ["a", "b"]}), 400)
     # Harmless extras that clients send are accepted.
     assert _post(server, "/chat/completions", {**chat, "user": "u1", "metadata": {"k": "v"}}).status_code == 200

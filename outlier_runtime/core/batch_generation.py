@@ -49,6 +49,8 @@ def model_can_batch(runtime: Runtime) -> str | None:
     """Why ``runtime``'s model cannot decode in a batch, or None when it can."""
     from mlx_lm.models.cache import make_prompt_cache
 
+    if not runtime.reuses_prompt_cache:
+        return "a vision model runs its own generation loop (mlx-vlm), one sequence at a time"
     if (runtime.engine_stats().get("config") or {}).get("distributed"):
         return "a tier split across machines decodes one sequence at a time"
     unmergeable = sorted({type(c).__name__ for c in make_prompt_cache(runtime.model) if not hasattr(c, "merge")})

@@ -12,13 +12,15 @@ from typing import Any, Optional, Sequence, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from outlier_runtime.core.errors import ParameterError
+from outlier_runtime.core.images import MAX_IMAGES
 
 #: mx.random.seed takes an unsigned 64-bit integer.
 MAX_SEED = 2**64 - 1
 
 #: Each parameter's CLI flag, so a message can name what the user typed.
 FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temp", "top_p": "--top-p", "seed": "--seed",
-         "top_k": "--top-k", "min_p": "--min-p", "repetition_penalty": "--repetition-penalty"}
+         "top_k": "--top-k", "min_p": "--min-p", "repetition_penalty": "--repetition-penalty",
+         "images": "--image"}
 
 #: Sampling parameters beyond temperature and top_p (the server's request fields of the same names).
 SAMPLING_EXTRAS = ("top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
@@ -48,6 +50,15 @@ class GenerationParams(BaseModel):
     frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     #: Report each generated token's log probability and this many likely alternatives (OpenAI's bound).
     top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    #: Images for a vision tier (paths, bytes, PIL images, data: URLs); decoded by core/images.py.
+    images: Optional[list[Any]] = None
+
+    @field_validator("images")
+    @classmethod
+    def _few_images(cls, images: Any) -> Any:
+        if images is not None and len(images) > MAX_IMAGES:
+            raise ValueError(f"{len(images)} images, more than {MAX_IMAGES} per call; send fewer")
+        return images
 
     @field_validator("prompt")
     @classmethod

@@ -37,6 +37,7 @@ BUILTIN_DISTRIBUTION = "outlier-runtime"
 DEFAULT_PLUGINS = {
     "dense": "outlier_dense",
     "paged_moe": "outlier_paged_moe",
+    "vlm": "outlier_vlm",
     "cache_lru": "outlier_cache_lru",
     "cache_lfu": "outlier_cache_lfu",
     "cache_lfru": "outlier_cache_lfru",

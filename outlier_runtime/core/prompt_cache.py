@@ -132,8 +132,11 @@ class PrefixCache:
     def stream(self, runtime: Any, tokens: Sequence[int], **options: Any) -> Generator[Chunk, None, GenerationResult]:
         """``runtime.stream_tokens`` from the best stored cache; the cache is stored again after.
 
-        A generation closed early (a client that left) or failed drops its cache.
+        A generation closed early (a client that left) or failed drops its cache. A runtime
+        that takes no mlx-lm prompt caches (a vision model) prefills every prompt whole.
         """
+        if not getattr(runtime, "reuses_prompt_cache", True):
+            return (yield from runtime.stream_tokens(tokens, **options))
         reuse = self.fetch(runtime.name, runtime.model, tokens)
         result = yield from runtime.stream_tokens(tokens, prompt_cache=reuse.cache, cached=reuse.cached, **options)
         self.store(runtime.name, reuse.cache, [*tokens, *result.tokens])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Collection, Hashable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Collection, Hashable, Iterator, Protocol, Sequence, runtime_checkable
 
 if TYPE_CHECKING:
     from outlier_runtime.core.manifest import TierManifest
@@ -92,6 +92,33 @@ class LoadedModel:
     #: (every pipeline rank at the same point, so a distributed loader may gather its ranks'
     #: there); None: ``stats``.
     result_stats: Callable[[], dict[str, Any]] | None = None
+    #: A vision-language model (a loader such as ``vlm``): it takes images, and the runtime
+    #: generates through it instead of mlx-lm's loop. None: a text-only model.
+    vision: "VisionModel | None" = None
+
+
+@dataclass
+class PreparedPrompt:
+    """A prompt a :class:`VisionModel` made ready: its token ids (image placeholders expanded)
+    and whatever else its generation needs (pixel values, grids, masks)."""
+
+    tokens: list[int]
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class VisionModel(Protocol):
+    """What a vision-language loader adds: prompts with images, and their generation loop."""
+
+    def prepare(self, prompt: "str | list[dict[str, Any]]", images: Sequence[Any], chat: bool) -> PreparedPrompt:
+        """Render ``prompt`` (text, or chat messages whose image parts are ``{"type": "image"}``
+        markers) with the processor's chat template when ``chat``, and process ``images``
+        (decoded RGB PIL images, in order) into the model's inputs."""
+
+    def stream(self, prompt: PreparedPrompt, *, max_tokens: int, sampler: Any,
+               logits_processors: list[Any] | None) -> Iterator[Any]:
+        """Generate: one response per token, shaped as mlx-lm's ``GenerationResponse`` (``text``,
+        ``token``, ``finish_reason``, ``prompt_tps``, ``generation_tps``)."""
 
 
 @runtime_checkable

@@ -15,12 +15,13 @@ import mlx.core as mx
 from outlier_runtime.core.chat_encoding import encode_chat
 from outlier_runtime.core.env_flags import check_env_flags
 from outlier_runtime.core.errors import ParameterError, RuntimeClosedError
+from outlier_runtime.core.images import ImageInput, check_tier_takes_images, load_images, split_images
 from outlier_runtime.core.logprobs import TokenLogprob, TokenTexts, token_logprob
 from outlier_runtime.core.manifest import TierManifest
 from outlier_runtime.core.memory import MemoryPlan, PlanLine
 from outlier_runtime.core.plugin_manager import get_registry
 from outlier_runtime.core.params import check_generation, token_budget
-from outlier_runtime.core.protocols import LoadedModel, LoadRequest
+from outlier_runtime.core.protocols import LoadedModel, LoadRequest, PreparedPrompt
 from outlier_runtime.core.resolve import resolve_model
 from outlier_runtime.core.results import Chunk, GenerationResult
 from outlier_runtime.core.sampling import make_logits_processors, make_sampler, vocab_size
@@ -123,26 +124,80 @@ class Runtime:
             raise RuntimeClosedError(f"Runtime for tier {self.name!r} is closed; load it again.")
         return self._loaded
 
+    @property
+    def accepts_images(self) -> bool:
+        """Whether this tier takes images: its manifest says so and its loader built a vision model."""
+        return self.manifest.model.image_input and self._require().vision is not None
+
+    @property
+    def reuses_prompt_cache(self) -> bool:
+        """Whether :meth:`stream_tokens` takes mlx-lm prompt caches (text-only models; a vision
+        model runs its own loop, so its prompts are prefilled whole)."""
+        return self._require().vision is None
+
+    def _check_images_allowed(self) -> None:
+        check_tier_takes_images(self.manifest)
+        if self._require().vision is None:
+            raise ParameterError(
+                f"images: tier {self.name!r} sets image_input but its loader {self.manifest.loader.name!r} "
+                f"builds a text-only model; use `[loader] name = \"vlm\"` "
+                f"(pip install 'outlier-runtime[vision]').", param="images")
+
+    def _messages(self, prompt: Prompt, chat: bool | None) -> list[Message] | None:
+        """The chat messages to render (system prompt added), or None for a raw completion."""
+        if isinstance(prompt, str):
+            use_chat = self.manifest.generation.use_chat_template if chat is None else chat
+            if not use_chat:
+                return None
+            messages: list[Message] = [{"role": "user", "content": prompt}]
+        else:
+            messages = [dict(m) for m in prompt]
+        defaults = self.manifest.generation
+        if defaults.system_prompt and not any(m.get("role") == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": defaults.system_prompt})
+        return messages
+
+    def _prepare(self, prompt: Prompt, chat: bool | None, images: Sequence[ImageInput] | None,
+                 tools: Sequence[dict[str, Any]] | None = None) -> PreparedPrompt:
+        """Token ids and model inputs for a prompt with images (in its messages, or ``images``) and
+        ``tools`` (OpenAI function definitions, rendered by the chat template)."""
+        template_prompt: Any = prompt
+        sources: list[Any] = []
+        if not isinstance(prompt, str):
+            template_prompt, sources = split_images(prompt)
+        sources += list(images or ())
+        if sources:
+            self._check_images_allowed()
+        decoded = load_images(sources)
+        vision = self._require().vision
+        messages = self._messages(template_prompt, chat)
+        if vision is None:  # a text-only model, given text only
+            return PreparedPrompt(self._encode_text(template_prompt, messages, tools))
+        if tools:
+            raise ParameterError(f"tools: tier {self.name!r} runs a vision model, whose prompts take no tools here.",
+                                 param="tools")
+        if messages is None and decoded:
+            raise ParameterError("images: a raw completion (--raw, chat=False) has no place for images; "
+                                 "use the chat template (--chat, chat=True).", param="images")
+        return vision.prepare(template_prompt if messages is None else messages, decoded, messages is not None)
+
+    def _encode_text(self, prompt: Any, messages: list[Message] | None,
+                     tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        tokenizer = self.tokenizer
+        if messages is None or (isinstance(prompt, str) and not getattr(tokenizer, "chat_template", None)):
+            return list(tokenizer.encode(prompt))
+        return encode_chat(tokenizer, messages, tools)  # message content is text, never control tokens
+
     def engine_stats(self) -> dict[str, Any]:
         """The engine's statistics since the last generation started."""
         return self._require().stats()
 
-    def encode(self, prompt: Prompt, chat: bool | None = None, tools: Sequence[dict[str, Any]] | None = None
-               ) -> list[int]:
-        """Token ids for a prompt: a string (raw, or chat-wrapped) or a list of chat messages;
-        ``tools`` (OpenAI function definitions) are rendered by the chat template."""
-        tokenizer = self.tokenizer
-        defaults = self.manifest.generation
-        if isinstance(prompt, str):
-            use_chat = defaults.use_chat_template if chat is None else chat
-            if not (use_chat and getattr(tokenizer, "chat_template", None)):
-                return list(tokenizer.encode(prompt))
-            messages: list[Message] = [{"role": "user", "content": prompt}]
-        else:
-            messages = [dict(m) for m in prompt]
-        if defaults.system_prompt and not any(m.get("role") == "system" for m in messages):
-            messages.insert(0, {"role": "system", "content": defaults.system_prompt})
-        return encode_chat(tokenizer, messages, tools)  # message content is text, never control tokens
+    def encode(self, prompt: Prompt, chat: bool | None = None, tools: Sequence[dict[str, Any]] | None = None,
+               images: Sequence[ImageInput] | None = None) -> list[int]:
+        """Token ids for a prompt: a string (raw, or chat-wrapped) or a list of chat messages (with
+        image parts on a vision tier; each image counts its placeholder tokens); ``tools`` (OpenAI
+        function definitions) are rendered by the chat template."""
+        return self._prepare(prompt, chat, images, tools).tokens
 
     def stream(
         self,
@@ -154,16 +209,20 @@ class Runtime:
         seed: int | None = None,
         stop: Sequence[str] = (),
         chat: bool | None = None,
+        images: Sequence[ImageInput] | None = None,
         **sampling: Any,
     ) -> Generator[Chunk, None, GenerationResult]:
         """Yield text chunks as they are generated; ``self.last_result`` holds the totals after.
 
+        ``images`` (vision tiers): paths, encoded bytes, PIL images or ``data:`` URLs, placed
+        before the prompt's text; chat messages may also carry image content parts.
         ``sampling`` takes ``top_k``, ``min_p``, ``repetition_penalty``, ``presence_penalty`` and
         ``frequency_penalty`` (mlx-lm's sampler and logits processors)."""
-        check_generation(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, **sampling)
-        tokens = self.encode(prompt, chat)
-        return (yield from self.stream_tokens(tokens, max_tokens=max_tokens, temperature=temperature,
-                                              top_p=top_p, seed=seed, stop=stop, **sampling))
+        check_generation(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                         images=None if images is None else list(images), **sampling)
+        prepared = self._prepare(prompt, chat, images)
+        return (yield from self._stream(prepared, max_tokens=max_tokens, temperature=temperature,
+                                        top_p=top_p, seed=seed, stop=stop, **sampling))
 
     def stream_tokens(
         self,
@@ -184,8 +243,27 @@ class Runtime:
         prompt cache); the result's ``cached_tokens`` says how many were not. With
         ``top_logprobs`` (0 or more), each chunk and the result carry every generated token's log
         probability and that many most likely alternatives (:mod:`.logprobs`)."""
+        return (yield from self._stream(PreparedPrompt(list(tokens)), max_tokens=max_tokens, temperature=temperature,
+                                        top_p=top_p, seed=seed, stop=stop, prompt_cache=prompt_cache, cached=cached,
+                                        top_logprobs=top_logprobs, **sampling))
+
+    def _stream(
+        self,
+        prepared: PreparedPrompt,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        prompt_cache: list[Any] | None = None,
+        cached: int = 0,
+        top_logprobs: int | None = None,
+        **sampling: Any,
+    ) -> Generator[Chunk, None, GenerationResult]:
         from mlx_lm import stream_generate
 
+        tokens = prepared.tokens
         settings = self.call_settings(tokens, cached, max_tokens=max_tokens, temperature=temperature,
                                       top_p=top_p, seed=seed, top_logprobs=top_logprobs,
                                       **sampling)
@@ -211,8 +289,16 @@ class Runtime:
             extra: dict[str, Any] = {} if prompt_cache is None else {"prompt_cache": prompt_cache}
             if processors:
                 extra["logits_processors"] = processors
-            for response in _explained(loaded, stream_generate(loaded.model, loaded.tokenizer, mx.array(new_tokens),
-                                                               max_tokens=budget, sampler=sampler, **extra)):
+            if loaded.vision is not None:
+                if prompt_cache is not None or cached:
+                    raise ParameterError(f"stream_tokens: tier {self.name!r} runs a vision model, which takes no "
+                                         f"mlx-lm prompt cache; call it without prompt_cache and cached.")
+                responses = loaded.vision.stream(prepared, max_tokens=budget, sampler=sampler,
+                                                 logits_processors=processors or None)
+            else:
+                responses = stream_generate(loaded.model, loaded.tokenizer, mx.array(new_tokens),
+                                            max_tokens=budget, sampler=sampler, **extra)
+            for response in _explained(loaded, responses):
                 last = response
                 out_tokens.append(response.token)
                 if texts is not None and response.finish_reason != "stop":  # not the end-of-sequence token

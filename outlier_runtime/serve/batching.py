@@ -17,6 +17,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from outlier_runtime.core.batch_generation import BatchSequence, ContinuousBatch, model_can_batch, request_reason
+from outlier_runtime.core.images import has_images
 
 if TYPE_CHECKING:
     from outlier_runtime.core.runtime import Runtime
@@ -52,6 +53,8 @@ class BatchScheduler:
     def _reason(self, runtime: Runtime, job: GenerationJob) -> str | None:
         if runtime not in self._model_reasons:
             self._model_reasons[runtime] = model_can_batch(runtime)
+        if has_images(job.prompt):
+            return "a request with images is generated alone (its pixels are prefilled with its prompt)"
         return request_reason(runtime, job.options) or self._model_reasons[runtime]
 
     def serve(self, host: ModelHost, first: PreparedJob) -> bool:

@@ -30,6 +30,7 @@ from outlier_runtime.core.errors import AdmissionError, OutlierError, ParameterE
 from outlier_runtime.core.manifest import TierManifest
 from outlier_runtime.core.memory import PlanLine, available_bytes, headroom_bytes
 from outlier_runtime.core.params import check_generation
+from outlier_runtime.core.images import has_images
 from outlier_runtime.core.prompt_cache import PrefixCache
 from outlier_runtime.core.results import GenerationResult
 from outlier_runtime.serve.batching import BatchScheduler
@@ -268,7 +269,11 @@ class ModelHost:
 
     def _generate_alone(self, prepared: PreparedJob) -> None:
         job, runtime = prepared.job, prepared.runtime
-        if self.pipeline is not None:  # every rank runs it; the prompt cache is off
+        if has_images(job.prompt):  # the images go with the messages; no KV cache holds pixels
+            if self.pipeline is not None:
+                raise ParameterError("images: a tier served across pipeline ranks takes text only.", param="messages")
+            generation = runtime.stream(job.prompt, chat=job.chat, max_tokens=prepared.budget, **job.options)
+        elif self.pipeline is not None:  # every rank runs it; the prompt cache is off
             generation = self.pipeline.stream(runtime, prepared.tokens, prepared.budget, job.options,
                                               job.cancelled.is_set)
         else:

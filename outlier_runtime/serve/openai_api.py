@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, ClassVar, Literal, Optional, Sequence, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
 from outlier_runtime.core.params import SAMPLING_EXTRAS
 from outlier_runtime.core.results import GenerationResult
@@ -31,6 +31,8 @@ MAX_MESSAGES = 1024
 #: Characters per message content (or prompt); the context-window check comes later, on tokens.
 MAX_CONTENT_CHARS = 1_000_000
 MAX_STOPS = 16
+#: Characters of one image_url (a data: URL); the request body bound (serve/guard.py) is lower.
+MAX_IMAGE_URL_CHARS = 32 * 2**20
 MAX_STOP_CHARS = 256
 #: ``seed`` is an unsigned 64-bit integer (what mlx's generator takes).
 MAX_SEED = 2**64 - 1
@@ -103,7 +105,7 @@ def validation_error(exc: ValidationError | Any) -> ApiError:
     if not errors:
         return ApiError(400, "Invalid request body.")
     error = errors[0]
-    location = [str(part) for part in error.get("loc", ()) if part != "body"]
+    location = [str(part) for part in error.get("loc", ()) if part not in ("body", _STRING_CONTENT, _PARTS_CONTENT)]
     param = ".".join(location) or None
     if error.get("type") == "extra_forbidden":
         return ApiError(400, f"Unrecognized request argument supplied: {param}", param=param,
@@ -194,13 +196,50 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class ImageUrl(_Strict):
+    #: A ``data:`` URL (base64), or a local path when the server allows them; never fetched from a network.
+    url: Annotated[str, Field(max_length=MAX_IMAGE_URL_CHARS)]
+    #: OpenAI's resolution hint; the model's processor decides the resolution here.
+    detail: Optional[Literal["auto", "low", "high"]] = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: Content
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _bare_url(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value  # some clients send the URL alone
+
+
+def _content_kind(value: Any) -> str:
+    return _STRING_CONTENT if isinstance(value, str) else _PARTS_CONTENT
+
+
+# Tags of the two shapes of a message's content; left out of the field path an error names, so a
+# too-long string is still `messages.0.content`.
+_STRING_CONTENT, _PARTS_CONTENT = "<string>", "<parts>"
+MessageContent = Annotated[
+    Union[Annotated[Content, Tag(_STRING_CONTENT)],
+          Annotated[list[Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]], Tag(_PARTS_CONTENT)]],
+    Discriminator(_content_kind),
+]
+
+
 class ChatMessage(_Strict):
     """A chat message for the tokenizer's chat template: an assistant's may carry ``tool_calls``,
     and a ``tool`` message answers one (``tool_call_id``)."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    #: A string, or a list of text parts (``{"type": "text", "text": ...}``), joined.
-    content: Content = ""
+    #: A string; a list of text parts (``{"type": "text", "text": ...}``), joined; or text and
+    #: ``image_url`` parts (vision tiers), kept in order.
+    content: MessageContent = ""
     #: Harmless: chat templates have no place for a participant name.
     name: Optional[Text] = None
     tool_calls: Optional[list[MessageToolCall]] = Field(default=None, max_length=MAX_TOOL_CALLS)
@@ -218,21 +257,29 @@ class ChatMessage(_Strict):
             return ""
         if not isinstance(content, list):
             return content
-        if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-                   for part in content):
-            raise ValueError('only text content parts ({"type": "text", "text": "..."}) are supported; '
-                             "images, audio and files are not")
-        return "".join(part["text"] for part in content)
+        if not all(isinstance(part, dict) and part.get("type") in ("text", "image_url") for part in content):
+            raise ValueError('only text and image_url content parts ({"type": "text", "text": "..."}, '
+                             '{"type": "image_url", "image_url": {"url": "data:..."}}) are supported; '
+                             "audio and files are not")
+        if all(part.get("type") == "text" and isinstance(part.get("text"), str) for part in content):
+            return "".join(part["text"] for part in content)
+        return content
 
     def to_template(self) -> dict[str, Any]:
         # "developer" is OpenAI's newer name for the system message.
-        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
-                                   "content": self.content}
+        role = "system" if self.role == "developer" else self.role
+        content = (self.content if isinstance(self.content, str)
+                   else [part.model_dump(exclude_none=True) for part in self.content])
+        message: dict[str, Any] = {"role": role, "content": content}
         if self.tool_calls:
             message["tool_calls"] = [call.to_template() for call in self.tool_calls]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
         return message
+
+    def image_urls(self) -> list[str]:
+        return [] if isinstance(self.content, str) else [p.image_url.url for p in self.content
+                                                         if isinstance(p, ImagePart)]
 
 
 class _GenerationRequest(_Strict):

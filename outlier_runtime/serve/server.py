@@ -35,6 +35,7 @@ from outlier_runtime.serve.guard import BodyGuard, GuardConfig, HostGuard
 from outlier_runtime.core.memory import GB
 from outlier_runtime.serve.batching import DEFAULT_MAX_BATCH, MAX_BATCH_LIMIT
 from outlier_runtime.serve.content_type import JsonBodies
+from outlier_runtime.serve.image_parts import check_image_urls
 from outlier_runtime.serve.model_host import GenerationJob, ModelHost
 from outlier_runtime.serve.models_api import model_entries
 from outlier_runtime.serve.tool_calls import ToolCallSplitter
@@ -99,6 +100,8 @@ class ServerConfig:
     memory_gb: float | None = None
     #: Concurrent requests to the loaded tier decoded together at most (1: one at a time).
     max_batch: int = DEFAULT_MAX_BATCH
+    #: Whether image_url parts may name files on the server's disk (else data: URLs only).
+    allow_local_images: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_batch, int) or not 1 <= self.max_batch <= MAX_BATCH_LIMIT:
@@ -318,6 +321,8 @@ def create_app(config: ServerConfig, pipeline: Any = None) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         body.check_supported()
         tier = host.tier_for(body.model)
+        check_image_urls([url for message in body.messages for url in message.image_urls()],
+                         allow_local=config.allow_local_images)
         messages = [message.to_template() for message in body.messages]
         job = _job(body, tier, messages, chat=True, prompt_param="messages")
         job.tools = body.tool_definitions()
