@@ -35,16 +35,21 @@ DEADLINE = 60
 def served(request, tiny):
     """(base_url, model host) of an in-process server: tier plus is a tiny qwen3 MoE paged with 2 slots
     per layer and no RAM cache, loaded at start; ``--max-batch`` is the test's parameter."""
+    yield from _in_process(preload="plus", max_batch=request.param,
+                           tier_overrides={"plus": {"model": str(tiny("qwen3_moe"))}},
+                           paging_overrides={"k_override": 2, "cache_gb": 0})
+
+
+def _in_process(**config):
+    """Serve ``ServerConfig(**config)`` from a thread until the fixture ends: (base_url, model host)."""
     port = free_port()
-    config = ServerConfig(port=port, force=True, preload="plus", max_batch=request.param,
-                          tier_overrides={"plus": {"model": str(tiny("qwen3_moe"))}},
-                          paging_overrides={"k_override": 2, "cache_gb": 0})
-    app = create_app(config)
+    app = create_app(ServerConfig(port=port, force=True, **config))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     host = app.state.host
-    _wait(lambda: server.started and host.loaded_tier == "plus", "the server to start and load plus")
+    _wait(lambda: server.started and host.loaded_tier == config["preload"],
+          f"the server to start and load {config['preload']}")
     yield f"http://127.0.0.1:{port}/v1", host
     server.should_exit = True
     thread.join(DEADLINE)
@@ -172,18 +177,8 @@ def served_tools(tiny_cache):
     """(base_url, model host) of an in-process server whose tier lite is the tiny tool-calling llama."""
     from outlier_runtime.testing.tool_model import tool_calling_model
 
-    port = free_port()
-    config = ServerConfig(port=port, force=True, preload="lite", max_batch=8,
-                          tier_overrides={"lite": {"model": str(tool_calling_model(cache_dir=tiny_cache))}})
-    app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    host = app.state.host
-    _wait(lambda: server.started and host.loaded_tier == "lite", "the server to start and load lite")
-    yield f"http://127.0.0.1:{port}/v1", host
-    server.should_exit = True
-    thread.join(DEADLINE)
+    yield from _in_process(preload="lite", max_batch=8,
+                           tier_overrides={"lite": {"model": str(tool_calling_model(cache_dir=tiny_cache))}})
 
 
 def test_tool_calls_are_parsed_from_batched_replies_and_logprobs_requests_run_alone(served_tools):
