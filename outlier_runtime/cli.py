@@ -438,6 +438,9 @@ def demo(prompt: str, max_tokens: int, k_override: int, cache_gb: float, reader:
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--api-key", envvar="OUTLIER_API_KEY",
               help="Require `Authorization: Bearer KEY` on every request (or set OUTLIER_API_KEY).")
+@click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Read the API key from this file's first line (keeps it off command lines: with --hostfile, "
+                   "the file must exist on rank 0's host).")
 @click.option("--tier", "preload", help="Tier to load at start (--model applies to it); default: on first request.")
 @click.option("--tier-override", "tier_overrides", multiple=True, metavar="TIER=PATH|TIER.KEY=VALUE",
               help="Serve TIER from a model directory, or set one of its load overrides "
@@ -468,7 +471,8 @@ def demo(prompt: str, max_tokens: int, k_override: int, cache_gb: float, reader:
 @click.option("--starting-port", type=click.IntRange(1024, 65534),
               help="With --hostfile and the ring backend: the first TCP port (mlx.launch's default 32323).")
 @click.pass_context
-def serve(ctx: click.Context, host: str, port: int, api_key: str | None, preload: str | None,
+def serve(ctx: click.Context, host: str, port: int, api_key: str | None, api_key_file: Path | None,
+          preload: str | None,
           tier_overrides: tuple[str, ...], allowed_hosts: tuple[str, ...], max_connections: int,
           prompt_cache_gb: float, memory_gb: float | None, allow_download: bool, max_batch: int,
           allow_local_images: bool,
@@ -482,11 +486,19 @@ def serve(ctx: click.Context, host: str, port: int, api_key: str | None, preload
 
     overrides = parse_tier_overrides(tier_overrides)
     _check_model_paths(overrides)
-    check_bind(host, api_key or None)  # the policy first: a refused host is reported as such
     if hostfile is not None:
         from outlier_runtime import launcher
 
-        sys.exit(launcher.launch(hostfile, backend, starting_port, launcher.rank_argv(ctx), rank_0_stops=True))
+        # The key never goes into the ranks' command lines (readable by every local user, and in the
+        # ssh command): rank 0 reads it from the environment (when it runs here) or --api-key-file.
+        check_bind(host, api_key or api_key_file)
+        sys.exit(launcher.launch(hostfile, backend, starting_port, launcher.rank_argv(ctx), rank_0_stops=True,
+                                 api_key=None if api_key_file else api_key))
+    if api_key_file is not None:
+        if api_key:
+            raise ParameterError("--api-key-file: give the key one way, not also --api-key or OUTLIER_API_KEY.")
+        api_key = _read_key_file(api_key_file)
+    check_bind(host, api_key or None)  # the policy first: a refused host is reported as such
     if launched_rank() in (None, 0):  # a follower rank binds nothing
         _check_port_free(host, port)
     if model is not None:
@@ -505,6 +517,16 @@ def serve(ctx: click.Context, host: str, port: int, api_key: str | None, preload
                             allowed_hosts=list(allowed_hosts), max_connections=max_connections,
                             prompt_cache_gb=prompt_cache_gb, memory_gb=memory_gb, allow_download=allow_download,
                             max_batch=max_batch, allow_local_images=allow_local_images))
+
+
+def _read_key_file(path: Path) -> str:
+    try:
+        key = path.read_text().splitlines()[0].strip() if path.stat().st_size else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParameterError(f"--api-key-file {path}: cannot read it ({exc.__class__.__name__}).") from None
+    if not key:
+        raise ParameterError(f"--api-key-file {path}: its first line is empty; write the key there.")
+    return key
 
 
 def _check_model_paths(overrides: dict[str, dict[str, Any]]) -> None:

@@ -11,7 +11,7 @@ failed, so its warnings are read here and a failed rank makes this command exit 
 from __future__ import annotations
 
 import json
-
+import os
 import re
 import signal
 import subprocess
@@ -23,8 +23,11 @@ import click
 
 from outlier_runtime.core.errors import DistributedError
 
-#: Options of `outlier run` that belong to the launch, not to the ranks' command.
-LAUNCH_OPTIONS = ("hostfile", "backend", "starting_port")
+#: Options of `outlier run` that belong to the launch, not to the ranks' command; the API key is
+#: a secret: a command line is readable by every local user (and goes into the ssh command).
+LAUNCH_OPTIONS = ("hostfile", "backend", "starting_port", "api_key")
+#: Where rank 0 finds the API key when it runs on this machine (ranks inherit the environment).
+API_KEY_ENV = "OUTLIER_API_KEY"
 _RANK_FAILED = re.compile(r"Node with rank (\d+) (?:exited with code (-?\d+)|was killed)")
 
 
@@ -61,8 +64,9 @@ def rank_argv(ctx: click.Context, prompt: str | None = None) -> list[str]:
     return [*argv, "--set", 'paging.distributed="pipeline"']
 
 
-def check_hostfile(hostfile: str) -> None:
-    """Refuse a hostfile mlx.launch would refuse, in one line (it answers with its usage text)."""
+def check_hostfile(hostfile: str) -> list[str]:
+    """Refuse a hostfile mlx.launch would refuse, in one line (it answers with its usage text);
+    else its hosts' ssh names, rank 0 first (mlx.launch runs "127.0.0.1" locally)."""
     fix = 'expected a JSON list of hosts like [{"ssh": "mac1", "ips": ["10.0.0.1"]}] (or {"hosts": [...]}); ' \
           "write one with mlx.distributed_config (docs/distributed.md)"
     path = Path(hostfile)
@@ -76,18 +80,27 @@ def check_hostfile(hostfile: str) -> None:
     if not isinstance(hosts, list) or not hosts or \
             not all(isinstance(h, dict) and isinstance(h.get("ssh"), str) for h in hosts):
         raise DistributedError(f"--hostfile {hostfile}: {fix}")
+    return [h["ssh"] for h in hosts]
 
 
 def launch(hostfile: str, backend: str | None, starting_port: int | None, argv: Sequence[str],
-           rank_0_stops: bool = False) -> int:
+           rank_0_stops: bool = False, api_key: str | None = None) -> int:
     """Run ``outlier <argv>`` on every rank of ``hostfile`` with mlx.launch; 0 when every rank
     finished, 2 when one failed (its line from mlx.launch names the rank).
 
     ``rank_0_stops`` (a served pipeline): Ctrl-C stops only rank 0, which then stops the others; this
     process and mlx.launch ignore it and wait for them (mlx.launch interrupted would lose the ranks'
     last lines and report them failed), and the ranks inherit the ignoring, which the server replaces
-    with its own handler on rank 0."""
-    check_hostfile(hostfile)
+    with its own handler on rank 0. ``api_key`` reaches rank 0 through the environment it inherits,
+    so rank 0 must run here; on another host, give it ``--api-key-file`` there."""
+    hosts = check_hostfile(hostfile)
+    env = dict(os.environ)
+    if api_key:
+        if hosts[0] != "127.0.0.1":
+            raise DistributedError(
+                f"--api-key: rank 0 runs on {hosts[0]}, and the key would travel on its command line; write the "
+                f"key to a file there (chmod 600) and pass --api-key-file PATH instead.")
+        env[API_KEY_ENV] = api_key
     command: list[Any] = [launcher_path(), "--hostfile", hostfile, "--python", sys.executable]
     if backend:
         command += ["--backend", backend]
@@ -98,7 +111,8 @@ def launch(hostfile: str, backend: str | None, starting_port: int | None, argv: 
     if rank_0_stops:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     # stdout (rank 0's reply) passes straight through; stderr is read for mlx.launch's verdicts.
-    with subprocess.Popen([str(c) for c in command], stderr=subprocess.PIPE, text=True, errors="replace") as process:
+    with subprocess.Popen([str(c) for c in command], stderr=subprocess.PIPE, text=True, errors="replace",
+                          env=env) as process:
         assert process.stderr is not None
         for line in process.stderr:
             sys.stderr.write(line)
