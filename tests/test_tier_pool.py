@@ -153,3 +153,32 @@ def test_the_server_keeps_one_tier_under_a_budget_for_one(tiny, tmp_path_factory
         assert loaded() == ["outlier-nano"]
         stats = httpx.get(f"{base_url}/outlier/stats", headers=key, timeout=10).json()
         assert [line["name"] for line in stats["memory_plan"]["lines"]] == ["tier nano"]
+
+
+def test_a_served_pipeline_switches_tiers_only_through_its_leader():
+    """Closing a pipeline tier is a collective: the pool must never close one on rank 0 alone,
+    before the leader has told the followers to switch (they would wait in another collective)."""
+    from outlier_runtime.serve.model_host import ModelHost
+
+    events = []
+
+    class Runtime:
+        memory_plan = None
+
+        def __init__(self, name):
+            self.name = name
+
+        def close(self):
+            events.append(f"close {self.name}")
+
+    class Leader:
+        def switch(self, tier, unload):
+            events.append(f"send load {tier}")
+            unload()
+            return Runtime(tier)
+
+    host = ModelHost(pipeline=Leader(), memory_bytes=10)
+    host.tiers.acquire("a")
+    host.tiers.acquire("b")
+    assert events == ["send load a", "send load b", "close a"]
+    assert host.tiers.loaded == ["b"]

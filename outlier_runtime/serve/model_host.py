@@ -105,8 +105,12 @@ class ModelHost:
                           if prompt_cache_bytes else [])
         budget, headroom = ((memory_bytes, 0) if memory_bytes is not None
                             else (available_bytes(), headroom_bytes()))  # what was free at start
-        self.tiers = TierPool(self._load_tier, lambda tier: tier_bytes(self.manifest(tier)), budget, headroom,
-                              self._reserved, on_unload=self.prompt_cache.clear)
+        # A pipeline keeps one tier: switching unloads it on every rank at once (PipelineLeader.switch),
+        # so the pool must never close a tier on its own: rank 0 alone would leave the ranks' collectives.
+        footprint = ((lambda tier: (0, "a pipeline keeps one tier")) if pipeline is not None
+                     else (lambda tier: tier_bytes(self.manifest(tier))))
+        self.tiers = TierPool(self._load_tier, footprint, budget, headroom, self._reserved,
+                              on_unload=self.prompt_cache.clear)
         self._tiers: list[dict[str, Any]] | None = None
         self._jobs: set[GenerationJob] = set()  # submitted and not finished
         self._pending: deque[GenerationJob] = deque()  # submitted and not started, in arrival order
