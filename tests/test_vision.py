@@ -306,3 +306,9 @@ def test_the_server_generates_vision_and_image_requests_alone_not_in_a_batch(vis
     image = job([{"type": "image_url", "image_url": {"url": str(cat_png)}}, {"type": "text", "text": "hi"}])
     assert scheduler.accepts(nano, text) and not scheduler.accepts(nano, image)
     assert not scheduler.accepts(vision, text)
+
+
+def test_logprobs_on_a_vision_tier_are_refused_in_one_line(vision, cat_png):
+    with pytest.raises(ParameterError, match="reports no log probabilities") as caught:
+        vision.generate(PROMPT, images=[cat_png], max_tokens=2, top_logprobs=1)
+    assert caught.value.param == "logprobs"

@@ -154,3 +154,13 @@ def test_local_paths_are_taken_with_allow_local_images(tiny, tiny_vlm_dir, tmp_p
         assert reply.choices[0].message.content == expected
         error = bad_request(client, image_message("https://example.com/cat.png"))
         assert "never fetched" in error.message
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_on_the_vision_tier_are_a_400_before_anything_streams(client, stream):
+    with pytest.raises(openai.BadRequestError) as caught:
+        reply = client.chat.completions.create(model="outlier-vision", messages=image_message(data_url(png())),
+                                               max_tokens=2, logprobs=True, top_logprobs=1, stream=stream)
+        list(reply) if stream else None
+    assert caught.value.status_code == 400 and "vision model" in str(caught.value)
+    assert caught.value.body["param"] == "logprobs"

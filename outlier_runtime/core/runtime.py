@@ -135,6 +135,12 @@ class Runtime:
         model runs its own loop, so its prompts are prefilled whole)."""
         return self._require().vision is None
 
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Refuse a generation option this tier's model cannot honour, before any work starts."""
+        if options.get("top_logprobs") is not None and not self.reuses_prompt_cache:
+            raise ParameterError(f"logprobs: tier {self.name!r} runs a vision model (mlx-vlm's loop), which "
+                                 f"reports no log probabilities here; leave logprobs out.", param="logprobs")
+
     def _check_images_allowed(self) -> None:
         check_tier_takes_images(self.manifest)
         if self._require().vision is None:
@@ -264,6 +270,7 @@ class Runtime:
         from mlx_lm import stream_generate
 
         tokens = prepared.tokens
+        self.check_options({"top_logprobs": top_logprobs})
         settings = self.call_settings(tokens, cached, max_tokens=max_tokens, temperature=temperature,
                                       top_p=top_p, seed=seed, top_logprobs=top_logprobs,
                                       **sampling)

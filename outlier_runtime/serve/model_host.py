@@ -264,6 +264,7 @@ class ModelHost:
         # an oversized prompt is refused by its size before it is tokenized.
         check_generation(job.prompt, **{k: v for k, v in job.options.items() if k != "stop"})
         check_prompt_size(runtime, job.prompt, job.prompt_param)
+        runtime.check_options(job.options)
         if job.tools is not None:
             job.tool_format = check_tools(job.tier, runtime.tokenizer)
         tokens = runtime.encode(job.prompt, chat=job.chat, tools=job.tools)
