@@ -204,6 +204,20 @@ def test_a_prompt_too_long_for_the_window_is_refused_before_tokenizing(server):
     error = response.json()["error"]
     assert error["code"] == "context_length_exceeded" and "characters" in error["message"]
 
+    # Text parts, tool calls and tool definitions count too: whatever the template renders as text.
+    half = "x" * (CONTEXT_WINDOW * 16 + 1)
+    for messages, extra in [
+        ([{"role": "user", "content": [{"type": "text", "text": half}, {"type": "text", "text": half}]}], {}),
+        ([{"role": "user", "content": half}], {"tools": [{"type": "function", "function": {
+            "name": "f", "description": half}}]}),
+        ([{"role": "user", "content": half}, {"role": "assistant", "content": "", "tool_calls": [{
+            "id": "call_1", "type": "function", "function": {"name": "f", "arguments": half}}]}], {}),
+    ]:
+        response = _post(server, "/chat/completions", {"model": "outlier-nano", "messages": messages, **extra})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]  # refused by its characters, before any tokenizing
+        assert error["code"] == "context_length_exceeded" and "characters" in error["message"]
+
 
 @pytest.mark.soak
 def test_two_thousand_slow_sockets_with_the_default_cap(tiny, tmp_path_factory):

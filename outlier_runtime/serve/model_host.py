@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -263,7 +264,7 @@ class ModelHost:
         # Refused before a template wraps an empty prompt, and before a stored cache is taken;
         # an oversized prompt is refused by its size before it is tokenized.
         check_generation(job.prompt, **{k: v for k, v in job.options.items() if k != "stop"})
-        check_prompt_size(runtime, job.prompt, job.prompt_param)
+        check_prompt_size(runtime, job.prompt, job.prompt_param, job.tools)
         runtime.check_options(job.options)
         if job.tools is not None:
             job.tool_format = check_tools(job.tier, runtime.tokenizer)
@@ -365,17 +366,26 @@ def counters_of(result: Any) -> dict[str, Any]:
     return {k: v for k, v in result.to_dict().items() if k not in ("text", "tokens", "logprobs")}
 
 
-def check_prompt_size(runtime: Runtime, prompt: Any, prompt_param: str) -> None:
-    """Refuse a prompt that cannot fit the context window by its length alone, before tokenizing it."""
+def check_prompt_size(runtime: Runtime, prompt: Any, prompt_param: str,
+                      tools: list[dict[str, Any]] | None = None) -> None:
+    """Refuse a prompt that cannot fit the context window by its length alone, before tokenizing it:
+    every text the template renders counts (text parts, tool calls, tool definitions)."""
     window = runtime.manifest.generation.context_window
-    if isinstance(prompt, str):
-        chars = len(prompt)
-    else:
-        chars = sum(len(m.get("content") or "") for m in prompt if isinstance(m.get("content"), str))
+    chars = len(prompt) if isinstance(prompt, str) else sum(_rendered_chars(m) for m in prompt)
+    chars += len(json.dumps(tools)) if tools else 0
     if chars > window * MAX_CHARS_PER_TOKEN:
         raise ApiError(400, f"This model's maximum context length is {window} tokens, and the prompt has "
                             f"{chars} characters, more than {MAX_CHARS_PER_TOKEN} per token. Shorten the prompt.",
                        param=prompt_param, code="context_length_exceeded")
+
+
+def _rendered_chars(message: dict[str, Any]) -> int:
+    """Characters of a chat message the template renders as text (an image part counts none here:
+    images have their own bounds in core/images.py)."""
+    content = message.get("content") or ""
+    chars = len(content) if isinstance(content, str) else sum(
+        len(part.get("text") or "") for part in content if isinstance(part, dict))
+    return chars + (len(json.dumps(message["tool_calls"])) if message.get("tool_calls") else 0)
 
 
 def token_budget(runtime: Runtime, prompt_tokens: int, requested: int | None, prompt_param: str) -> int:
