@@ -163,8 +163,8 @@ class Runtime:
             messages.insert(0, {"role": "system", "content": defaults.system_prompt})
         return messages
 
-    def _prepare(self, prompt: Prompt, chat: bool | None, images: Sequence[ImageInput] | None,
-                 tools: Sequence[dict[str, Any]] | None = None) -> PreparedPrompt:
+    def prepare(self, prompt: Prompt, chat: bool | None = None, images: Sequence[ImageInput] | None = None,
+                tools: Sequence[dict[str, Any]] | None = None) -> PreparedPrompt:
         """Token ids and model inputs for a prompt with images (in its messages, or ``images``) and
         ``tools`` (OpenAI function definitions, rendered by the chat template)."""
         template_prompt: Any = prompt
@@ -203,7 +203,7 @@ class Runtime:
         """Token ids for a prompt: a string (raw, or chat-wrapped) or a list of chat messages (with
         image parts on a vision tier; each image counts its placeholder tokens); ``tools`` (OpenAI
         function definitions) are rendered by the chat template."""
-        return self._prepare(prompt, chat, images, tools).tokens
+        return self.prepare(prompt, chat, images, tools).tokens
 
     def stream(
         self,
@@ -226,7 +226,7 @@ class Runtime:
         ``frequency_penalty`` (mlx-lm's sampler and logits processors)."""
         check_generation(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                          images=None if images is None else list(images), **sampling)
-        prepared = self._prepare(prompt, chat, images)
+        prepared = self.prepare(prompt, chat, images)
         return (yield from self._stream(prepared, max_tokens=max_tokens, temperature=temperature,
                                         top_p=top_p, seed=seed, stop=stop, **sampling))
 
@@ -252,6 +252,10 @@ class Runtime:
         return (yield from self._stream(PreparedPrompt(list(tokens)), max_tokens=max_tokens, temperature=temperature,
                                         top_p=top_p, seed=seed, stop=stop, prompt_cache=prompt_cache, cached=cached,
                                         top_logprobs=top_logprobs, **sampling))
+
+    def stream_prepared(self, prepared: PreparedPrompt, **options: Any) -> Generator[Chunk, None, GenerationResult]:
+        """:meth:`stream` from :meth:`prepare`'s result (its images decoded and processed once)."""
+        return (yield from self._stream(prepared, **options))
 
     def _stream(
         self,

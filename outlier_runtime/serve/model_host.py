@@ -36,6 +36,7 @@ from outlier_runtime.core.prompt_cache import PrefixCache
 from outlier_runtime.core.results import GenerationResult
 from outlier_runtime.serve.batching import BatchScheduler
 from outlier_runtime.serve.openai_api import MODEL_PREFIX, ApiError
+from outlier_runtime.core.protocols import PreparedPrompt
 from outlier_runtime.core.runtime import Prompt, Runtime
 from outlier_runtime.serve.models_api import check_downloaded
 from outlier_runtime.serve.tier_pool import TierPool, tier_bytes
@@ -84,8 +85,12 @@ class PreparedJob:
 
     job: GenerationJob
     runtime: Runtime
-    tokens: list[int]
+    prompt: PreparedPrompt  # token ids, and the processed images of a vision prompt
     budget: int  # tokens to generate at most
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt.tokens
 
 
 class ModelHost:
@@ -268,17 +273,15 @@ class ModelHost:
         runtime.check_options(job.options)
         if job.tools is not None:
             job.tool_format = check_tools(job.tier, runtime.tokenizer)
-        tokens = runtime.encode(job.prompt, chat=job.chat, tools=job.tools)
-        budget = token_budget(runtime, len(tokens), job.max_tokens, job.prompt_param)
-        job.emit("started", len(tokens))
-        return PreparedJob(job, runtime, tokens, budget)
+        prompt = runtime.prepare(job.prompt, chat=job.chat, tools=job.tools)
+        budget = token_budget(runtime, len(prompt.tokens), job.max_tokens, job.prompt_param)
+        job.emit("started", len(prompt.tokens))
+        return PreparedJob(job, runtime, prompt, budget)
 
     def _generate_alone(self, prepared: PreparedJob) -> None:
         job, runtime = prepared.job, prepared.runtime
         if has_images(job.prompt):  # the images go with the messages; no KV cache holds pixels
-            if self.pipeline is not None:
-                raise ParameterError("images: a tier served across pipeline ranks takes text only.", param="messages")
-            generation = runtime.stream(job.prompt, chat=job.chat, max_tokens=prepared.budget, **job.options)
+            generation = runtime.stream_prepared(prepared.prompt, max_tokens=prepared.budget, **job.options)
         elif self.pipeline is not None:  # every rank runs it; the prompt cache is off
             generation = self.pipeline.stream(runtime, prepared.tokens, prepared.budget, job.options,
                                               job.cancelled.is_set)
@@ -289,9 +292,11 @@ class ModelHost:
             for chunk in chunks:
                 job.emit("chunk", chunk)
                 if job.cancelled.is_set():
-                    log.info("client disconnected: stopped generating on tier %s", job.tier)
-                    self._count("cancelled")
-                    return
+                    break
+        if job.cancelled.is_set():  # also when a pipeline's ranks agreed to stop before this check saw it
+            log.info("client disconnected: stopped generating on tier %s", job.tier)
+            self._count("cancelled")
+            return
         self.finish(job, runtime, runtime.last_result)
 
     def next_for_batch(self, runtime: Runtime) -> PreparedJob | None:
