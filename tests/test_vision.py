@@ -143,6 +143,11 @@ def test_control_tokens_typed_as_text_are_refused(vision, cat_png, text):
     with pytest.raises(ParameterError, match="a control token of the model") as info:
         vision.generate(text, images=[cat_png], max_tokens=2)
     assert info.value.param == "messages"
+    # A tool's result is outside text as much as the user's.
+    tool_turn = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "asking"},
+                 {"role": "tool", "content": text}]
+    with pytest.raises(ParameterError, match="a control token of the model"):
+        vision.generate(tool_turn, max_tokens=2)
 
 
 def test_bad_images_are_parameter_errors_and_the_runtime_keeps_working(vision, cat_png, tmp_path):

@@ -95,10 +95,11 @@ class VLMGenerator:
         return PreparedPrompt([int(t) for t in input_ids.flatten().tolist()], {"input_ids": input_ids, **extra})
 
     def _check_text(self, messages: Sequence[dict[str, Any]], with_images: bool) -> None:
-        """Refuse control tokens in system and user text, and image placeholders anywhere when
-        the prompt has images (the model's own earlier replies may hold other control tokens)."""
+        """Refuse control tokens in system, user and tool text (tool results are outside text too),
+        and image placeholders anywhere when the prompt has images (the model's own earlier
+        replies may hold other control tokens)."""
         for message in messages:
-            if message.get("role") in ("system", "user"):
+            if message.get("role") in ("system", "user", "tool"):
                 reserved = self._control
             else:
                 reserved = self._placeholders if with_images else []
