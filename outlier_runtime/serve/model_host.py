@@ -1,14 +1,16 @@
 """The model host: the loaded Runtimes, and the worker thread that runs all model work.
 
 Loading, switching and generating all happen on a single worker thread, and requests start
-in arrival order. Loaded tiers stay loaded while the serving memory plan allows (:mod:`.tier_pool`:
-least recently used unloaded first, never one serving a request). Requests for a loaded tier that arrive while it generates join its batch between decode steps
-(:mod:`.batching`, up to ``max_batch`` at once); with ``max_batch=1`` they run one at a time.
-A :class:`GenerationJob` carries one request's generation and hands its events (started, chunk,
-done, error) to the event loop through an asyncio queue; setting its ``cancelled`` flag stops the
-generation at the next chunk. Every generation
-starts from the host's :class:`~outlier_runtime.core.prompt_cache.PrefixCache`, so a request
-prefills only the tokens after the longest prefix an earlier request left in it.
+in arrival order. Loaded tiers stay loaded while the serving memory plan allows
+(:mod:`.tier_pool`: least recently used unloaded first, never one serving a request; a pipeline
+across ranks keeps one). Requests for a loaded tier that arrive while it generates join its
+batch between decode steps (:mod:`.batching`, up to ``max_batch`` at once); with
+``max_batch=1`` they run one at a time. A :class:`GenerationJob` carries one request's
+generation and hands its events (started, chunk, done, error) to the event loop through an
+asyncio queue; setting its ``cancelled`` flag stops the generation at the next chunk. A text
+generation starts from the host's :class:`~outlier_runtime.core.prompt_cache.PrefixCache`, so a
+request prefills only the tokens after the longest prefix an earlier request left in it (not
+with images, on vision tiers, or across pipeline ranks: those prefill their whole prompt).
 
 The served tiers are resolved once (off the event loop) and again only on :meth:`refresh_tiers`
 (SIGHUP): reading manifests per request would stall every client behind a large one.

@@ -1,8 +1,8 @@
 """``outlier serve``: an OpenAI-compatible HTTP API over the tiers (FastAPI + uvicorn).
 
-The routes here parse requests and stream replies; :mod:`.model_host` keeps the one resident
-model and runs every generation on a single worker thread (concurrent requests to the loaded
-tier decode together, :mod:`.batching`);
+The routes here parse requests and stream replies; :mod:`.model_host` keeps the loaded tiers
+and runs every generation on a single worker thread (concurrent requests to a loaded tier
+decode together, :mod:`.batching`);
 :mod:`.openai_api` holds the wire format (request models, error bodies, reply objects);
 :mod:`.guard` checks the Host and bounds the body, :mod:`.connections` bounds connections.
 A client that disconnects cancels its job, and the worker stops at the next chunk.
