@@ -26,10 +26,16 @@ class _Group(click.Group):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         # `-v` belongs to the group, but people type it after the subcommand too
-        # (`outlier run nano "hi" -v`); move it to the front. `--` ends options, as usual.
+        # (`outlier run nano "hi" -v`); move it to the front. `--` ends options, as usual, and a
+        # `-v` that is the value of an option (`--stop -v`) stays where it is.
         end = args.index("--") if "--" in args else len(args)
-        hoisted = [arg for arg in args[:end] if arg in self.VERBOSE_FLAGS]
-        rest = [arg for arg in args[:end] if arg not in self.VERBOSE_FLAGS]
+        command = next((self.commands.get(arg) for arg in args[:end] if not arg.startswith("-")), None)
+        takes_value = {opt for param in getattr(command, "params", ()) if isinstance(param, click.Option)
+                       and not param.is_flag and not param.count for opt in param.opts + param.secondary_opts}
+        hoisted, rest = [], []
+        for index, arg in enumerate(args[:end]):
+            is_value = index > 0 and args[index - 1] in takes_value
+            (hoisted if arg in self.VERBOSE_FLAGS and not is_value else rest).append(arg)
         return super().parse_args(ctx, hoisted + rest + args[end:])
 
     def invoke(self, ctx: click.Context) -> Any:

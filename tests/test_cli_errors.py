@@ -82,6 +82,12 @@ def test_an_unexpected_failure_is_one_line_and_exit_1_and_v_shows_the_traceback(
     assert after.exit_code == 1 and "Traceback (most recent call last)" in after.stderr
 
 
+def test_v_as_an_options_value_stays_its_value():
+    result = CliRunner().invoke(main, ["run", "nano", "hi", "--model", "-v"], catch_exceptions=False)
+    # "-v" reached --model as its value (and is not a model directory): one line, exit 2.
+    assert result.exit_code == 2 and "model path -v does not exist" in result.stderr
+
+
 def test_v_after_double_dash_stays_an_argument():
     result = CliRunner().invoke(main, ["run", "nano", "--model", "/nonexistent/x", "--", "-v"],
                                 catch_exceptions=False)
