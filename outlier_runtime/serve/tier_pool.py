@@ -133,10 +133,6 @@ class TierPool:
             if tier is not None and tier in self._tiers:
                 self._tiers[tier].users -= 1
 
-    def users(self, tier: str) -> int:
-        with self._lock:
-            return self._tiers[tier].users if tier in self._tiers else 0
-
     def close(self) -> None:
         """Unload every tier (at shutdown, whoever holds them)."""
         for tier in self.loaded:
