@@ -748,7 +748,7 @@ def pack(model: str, no_checksums: bool, as_json: bool) -> None:
               show_default=True, help="Where <timestamp>.json and .md are written.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=900, show_default=True, help="Seconds per configuration.")
 @click.option("--repeat", type=click.IntRange(min=1),
-              help="Rounds of the disk-sensitive configurations; each reports its fastest round (default 1). "
+              help="Rounds of every configuration, interleaved; each reports its fastest round (default 1). "
                    "With --peers: interleaved rounds, reported as median and spread (default 5).")
 @click.option("--peers", is_flag=True,
               help="Compare with the exact peer boyle (extra `peers`) at 25/50/100%% of experts cached, "

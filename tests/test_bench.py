@@ -112,3 +112,13 @@ def test_pack_command_prints_a_summary(tiny, tmp_path):
 def test_git_commit_is_read_without_git():
     commit = git_commit()
     assert commit is None or (len(commit) == 40 and int(commit, 16) >= 0)
+
+
+def test_every_configuration_repeats_so_ratios_compare_fastest_rounds():
+    from outlier_runtime.bench.runner import round_plan
+
+    names = ["stock", "paged-fanout-pack", "disk-bound", "compute-bound"]
+    plan = round_plan(names, 2)
+    # Stock and the compute bound too: a bound measured once moves with the load it met.
+    assert plan == [(0, n) for n in names] + [(1, n) for n in names]
+    assert round_plan(names, 1) == [(0, n) for n in names]

@@ -77,6 +77,16 @@ def test_peers_without_boyle_prints_one_line_and_skips_its_columns(tiny_cache, t
     assert by_fraction[1.0]["hit_rate"] is None  # every expert resident: no lookups at all
     table = (out / f"{json_path.stem}.md").read_text()
     assert "| qwen3_moe | 25% | 8/32 | yes |" in table and "boyle / stock" not in table
+    # The page-cache A/B: the same slots read buffered, dropping what was read or keeping it cached.
+    assert set(report["config"]["ours_variants"]) == {"ours", "ours-buffered", "ours-pagecache"}
+    for row in report["summary"]:
+        for variant in ("ours-buffered", "ours-pagecache"):
+            assert row[variant]["tokens_identical_to_stock"] is True
+            assert row[variant]["slots_per_layer_seen"] == [str(row["slots_per_layer"])]
+    quarter = next(row for row in report["summary"] if row["fraction"] == 0.25)
+    assert quarter["ours"]["page_cache_after_bytes"] == 0 == quarter["ours-buffered"]["page_cache_after_bytes"]
+    assert quarter["ours-pagecache"]["page_cache_after_bytes"] > 0  # its misses stayed cached
+    assert "ours-pagecache tokens = stock" in table
 
 
 def test_a_pack_in_an_old_format_is_stale(tiny, tmp_path):

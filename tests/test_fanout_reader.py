@@ -128,7 +128,8 @@ def test_direct_can_be_switched_off(data_file):
 
 @pytest.mark.parametrize("options, field", [({"workers": 0}, "workers"), ({"chunk_bytes": 1000}, "chunk_bytes"),
                                             ({"direct": "yes"}, "direct"),
-                                            ({"buffered_chunk_bytes": -1}, "buffered_chunk_bytes")])
+                                            ({"buffered_chunk_bytes": -1}, "buffered_chunk_bytes"),
+                                            ({"keep_page_cache": "maybe"}, "keep_page_cache")])
 def test_bad_options_name_the_option(options, field):
     # In a manifest: the file, the key path and the plugin, before anything loads.
     with pytest.raises(ManifestError, match=rf"plus.toml.*key `paging\.reader_options\.{field}`: reader 'fanout'"):

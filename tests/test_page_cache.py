@@ -71,3 +71,21 @@ def test_what_a_reader_leaves_cached_is_measured_against_a_plain_read(cold_file,
     finally:
         os.close(fd)
     assert _cached(cold_file) >= 0.95 * SIZE
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_page_cache_leaves_what_the_fanout_reader_read_cached(cold_file, keep):
+    # The option the peer bench uses to measure what an mmap reader gains from the page cache:
+    # with it the bytes read stay cached (outside the memory plan), without it they are dropped.
+    reader = get_registry().create("reader", "fanout", {"workers": 2, "direct": False, "keep_page_cache": keep})
+    try:
+        got = _read_all(reader, cold_file)
+        assert reader.stats["keep_page_cache"] is keep and reader.stats["io_mode"] == "buffered"
+    finally:
+        reader.close()
+    read_span = (SIZE - CHUNK) - 1  # the reads cover bytes 1 .. SIZE - CHUNK
+    if keep:
+        assert _cached(cold_file) >= 0.95 * read_span
+    else:
+        assert _cached(cold_file) <= 0.05 * SIZE
+    assert got[1:SIZE - CHUNK] == cold_file.read_bytes()[1:SIZE - CHUNK]

@@ -36,6 +36,15 @@ TINY_EXPERTS = 32
 #: Ours: the Plus tier as shipped (its reader, cache policy and the expert pack), only the
 #: slots and cache_gb set. Options added here override the tier's.
 OURS_LOAD: dict[str, Any] = {}
+#: Our engine as it runs in the comparison, and two variants that isolate the page cache's part in
+#: it: the same buffered reads through the fanout reader, once dropping what they read (as the
+#: product does) and once leaving it cached as boyle's mmap reads do on Linux
+#: (``keep_page_cache``: memory outside the memory plan, so never the product's setting).
+OURS_VARIANTS: dict[str, dict[str, Any]] = {
+    "ours": OURS_LOAD,
+    "ours-buffered": {"reader": "fanout", "reader_options": {"direct": False}},
+    "ours-pagecache": {"reader": "fanout", "reader_options": {"direct": False, "keep_page_cache": True}},
+}
 MODELS = ("plus-geometry", *TINY_ARCHS)
 
 Echo = Callable[[str], None]
@@ -54,6 +63,7 @@ class PeerBenchOptions:
     timeout_s: float = 900.0
     command: str = ""
     peers: bool = field(default=True)
+    variants: tuple[str, ...] = tuple(OURS_VARIANTS)  # which of OURS_VARIANTS run ("ours" always does)
 
 
 def _round_up(value: int, step: int) -> int:
@@ -101,12 +111,12 @@ def peer_models(options: PeerBenchOptions, echo: Echo) -> dict[str, Path]:
 
 
 def _spec(kind: str, model: Path, files: list[Path], options: PeerBenchOptions, slots: int | None,
-          layout: dict[str, Any], warm: Path, name: str) -> dict[str, Any]:
+          layout: dict[str, Any], warm: Path, name: str, engine: str = "ours") -> dict[str, Any]:
     spec: dict[str, Any] = {"kind": kind, "name": name, "model": str(model), "files": [str(f) for f in files],
                             "prompt": options.prompt, "warmup_prompt": WARMUP_PROMPT, "tokens": options.tokens,
                             "warm_model": str(warm)}
     if kind == "paged":
-        spec["load"] = {**OURS_LOAD, "k_override": slots, "cache_gb": ours_cache_gb(layout, slots)}
+        spec["load"] = {**OURS_VARIANTS[engine], "k_override": slots, "cache_gb": ours_cache_gb(layout, slots)}
     elif kind == "peer":
         spec["peer"] = PEER
         spec["slots_per_layer"] = slots
@@ -147,7 +157,8 @@ def run_peer_bench(options: PeerBenchOptions, echo: Echo = lambda s: None) -> tu
     version = peer_version() if options.peers else None
     if options.peers and version is None:
         echo(absent_note())
-    engines = ["ours"] + ([PEER] if version else [])
+    ours = ["ours"] + [v for v in options.variants if v != "ours" and v in OURS_VARIANTS]
+    engines = ours + ([PEER] if version else [])
     cache_dir = options.cache_dir or default_cache_dir()
     models = peer_models(options, echo)
     warm = warm_model(cache_dir)
@@ -159,7 +170,7 @@ def run_peer_bench(options: PeerBenchOptions, echo: Echo = lambda s: None) -> tu
                 files = model_files(path)
                 layout = layouts[model_name]
                 plan: list[tuple[str, str, float | None]] = [("stock", "stock", None)]
-                plan += [(engine, "paged" if engine == "ours" else "peer", f)
+                plan += [(engine, "peer" if engine == PEER else "paged", f)
                          for f in options.fractions for engine in engines]
                 if number % 2:
                     plan.reverse()
@@ -167,7 +178,7 @@ def run_peer_bench(options: PeerBenchOptions, echo: Echo = lambda s: None) -> tu
                     key = f"{model_name}/{engine}" + (f"/{fraction:g}" if fraction is not None else "")
                     slots = _slots(layout, fraction) if fraction is not None else None
                     spec = _spec(kind, path, files, options, slots, layout, warm,
-                                 f"r{number}-{key.replace('/', '-')}")
+                                 f"r{number}-{key.replace('/', '-')}", engine)
                     evict(files)
                     result = run_config(spec)
                     raw.setdefault(key, []).append({"round": number, **_row_of(result)})
@@ -181,7 +192,8 @@ def run_peer_bench(options: PeerBenchOptions, echo: Echo = lambda s: None) -> tu
         "config": {
             "geometry": asdict(options.geometry), "tokens": options.tokens, "rounds": options.rounds,
             "prompt": options.prompt, "fractions": list(options.fractions), "tiny_experts": TINY_EXPERTS,
-            "ours_load": OURS_LOAD, "peer": PEER, "peer_version": version,
+            "ours_load": OURS_LOAD, "ours_variants": {name: OURS_VARIANTS[name] for name in ours},
+            "peer": PEER, "peer_version": version,
             "peer_skipped": None if version else absent_note(),
             "models": {name: str(path) for name, path in models.items()}, "layouts": layouts,
             "protocol": __doc__.split("\n\n", 2)[2].strip(),
@@ -235,8 +247,10 @@ def summarize(raw: dict[str, list[dict[str, Any]]], models: dict[str, Path], lay
                     "errors": [r["error"] for r in runs if "error" in r],
                 }
             if PEER in engines:
-                both = [per_round["ours"][n] / per_round[PEER][n] for n in per_round["ours"] if n in per_round[PEER]]
-                row["ours_vs_peer"] = _spread(both)
+                for engine in engines[:-1]:
+                    both = [per_round[engine][n] / per_round[PEER][n] for n in per_round[engine] if n in per_round[PEER]]
+                    row[engine]["vs_peer"] = _spread(both)
+                row["ours_vs_peer"] = row["ours"]["vs_peer"]
             row["stock_decode_tps"] = _spread([r["decode_tps"] for r in stock.values()])
             row["stock_peak_rss_bytes"] = max((r["peak_rss_bytes"] for r in stock.values()), default=None)
             rows.append(row)
@@ -250,30 +264,35 @@ def _ratio(cell: dict[str, float] | None) -> str:
 
 
 def peer_markdown(report: dict[str, Any], json_name: str) -> str:
-    """The comparison table: one row per model and fraction."""
+    """The comparison table: one row per model and fraction, a column group per engine."""
     config = report["config"]
     peer = config["peer"] if config["peer_version"] else None
-    head = ["model", "cached", "slots", "ours tokens = stock", "ours / stock"]
+    ours = list(config.get("ours_variants") or {"ours": {}})
+    engines = ours + ([peer] if peer else [])
+    head = ["model", "cached", "slots"]
+    for engine in engines:
+        head += [f"{engine} tokens = stock", f"{engine} / stock"]
     if peer:
-        head += [f"{peer} tokens = stock", f"{peer} / stock", f"ours / {peer}"]
-    head += ["peak RSS GB stock / ours" + (f" / {peer}" if peer else ""),
-             "page cache left MB ours" + (f" / {peer}" if peer else "")]
+        head += [f"{engine} / {peer}" for engine in ours]
+    head += ["peak RSS GB stock / " + " / ".join(engines), "page cache left MB " + " / ".join(engines)]
     lines = [f"# outlier bench --peers ({json_name})", "",
              f"{config['tokens']} greedy tokens, {config['rounds']} interleaved rounds; ratios of decode tok/s "
              "to stock in the same round: median (min-max).", ""]
     if not peer:
         lines += [f"{config['peer_skipped']}.", ""]
+    if len(ours) > 1:
+        lines += ["Our variants' load options (over the Plus tier's): "
+                  + "; ".join(f"{name} {json.dumps(config['ours_variants'][name])}" for name in ours) + ".", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report["summary"]:
-        rss = [row.get("stock_peak_rss_bytes"), row["ours"]["peak_rss_bytes"]]
-        cells = [row["model"], f"{row['fraction']:.0%}", f"{row['slots_per_layer']}/{row['experts_per_layer']}",
-                 "yes" if row["ours"]["tokens_identical_to_stock"] else "NO", _ratio(row["ours"]["vs_stock"])]
+        cells = [row["model"], f"{row['fraction']:.0%}", f"{row['slots_per_layer']}/{row['experts_per_layer']}"]
+        for engine in engines:
+            cells += ["yes" if row[engine]["tokens_identical_to_stock"] else "NO", _ratio(row[engine]["vs_stock"])]
         if peer:
-            rss.append(row[peer]["peak_rss_bytes"])
-            cells += ["yes" if row[peer]["tokens_identical_to_stock"] else "NO", _ratio(row[peer]["vs_stock"]),
-                      _ratio(row.get("ours_vs_peer"))]
+            cells += [_ratio(row[engine].get("vs_peer")) for engine in ours]
+        rss = [row.get("stock_peak_rss_bytes")] + [row[engine]["peak_rss_bytes"] for engine in engines]
         cells.append(" / ".join(f"{v / GB:.2f}" if v else "-" for v in rss))
-        cached = [row["ours"]["page_cache_after_bytes"]] + ([row[peer]["page_cache_after_bytes"]] if peer else [])
+        cached = [row[engine]["page_cache_after_bytes"] for engine in engines]
         cells.append(" / ".join("-" if v is None else f"{v / 1e6:.1f}" for v in cached))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -11,7 +11,10 @@ read: the pack and the store's buffers are aligned for this) is cut into ``chunk
 pieces read through a second, uncached descriptor that skips the page cache's copy and its
 memory: ``O_DIRECT`` on Linux, ``F_NOCACHE`` on macOS (outlier_runtime/engine/platform_io.py).
 Other requests (the nine ranges per expert of mlx shards) go through the page cache, one
-piece per request by default: splitting a buffered read defeats the kernel's readahead. A
+piece per request by default: splitting a buffered read defeats the kernel's readahead; each
+range is dropped from the page cache once read (the engine holds its own, bounded copy), unless
+``keep_page_cache`` is set, which exists to measure what a peer that reads through mmap gains
+from the cache (docs/performance.md). A
 filesystem that refuses uncached reads (tmpfs, some network filesystems) makes the file
 fall back to buffered reads; ``stats`` counts the bytes read each way and names the method.
 
@@ -103,12 +106,18 @@ class FanoutReader:
         buffered_chunk_bytes: int = Field(default=0, ge=0,
                                           description="Piece size of page-cache reads; 0 reads each request whole.")
         advise: bool = Field(default=False, description="Hint page-cache ranges to the kernel before a batch.")
+        keep_page_cache: bool = Field(
+            default=False,
+            description=("Leaves read bytes in the page cache: outside the memory plan. Buffered reads only "
+                         "(set direct = false to read aligned pack records buffered too); for comparisons "
+                         "with peers that read through mmap, not for the product."))
 
     def __init__(self, workers: int = DEFAULT_WORKERS, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 direct: bool = True, buffered_chunk_bytes: int = 0, advise: bool = False) -> None:
+                 direct: bool = True, buffered_chunk_bytes: int = 0, advise: bool = False,
+                 keep_page_cache: bool = False) -> None:
         try:  # the same checks for direct construction as for a manifest's reader_options
             self.Options(workers=workers, chunk_bytes=chunk_bytes, direct=direct,
-                         buffered_chunk_bytes=buffered_chunk_bytes, advise=advise)
+                         buffered_chunk_bytes=buffered_chunk_bytes, advise=advise, keep_page_cache=keep_page_cache)
         except ValidationError as exc:
             error = exc.errors()[0]
             raise ManifestError(f"reader_options.{error['loc'][0]} = {error['input']!r}: {error['msg']}") from None
@@ -116,6 +125,7 @@ class FanoutReader:
         self.workers = workers
         self.chunk_bytes = chunk_bytes
         self.advise = advise
+        self.keep_page_cache = keep_page_cache
         self._io = current_platform_io()
         self.direct = direct and self._io.uncached_available
         self._lock = threading.Lock()
@@ -150,6 +160,7 @@ class FanoutReader:
                 "io_mode": mode,
                 "uncached_method": self._io.uncached_method if self.direct else None,
                 "advise": self.advise,
+                "keep_page_cache": self.keep_page_cache,
                 "workers": self.workers,
                 "chunk_bytes": self.chunk_bytes,
                 "buffered_chunk_bytes": self.buffered_chunk_bytes,
@@ -233,7 +244,8 @@ class FanoutReader:
             fd = self._files.fd(path)
             pread_into(fd, view[done:], offset + done, path)
             # Our buffer holds the bytes now: a page-cache copy would be memory outside the bound.
-            self._io.forget_range(fd, offset + done, total - done)
+            if not self.keep_page_cache:
+                self._io.forget_range(fd, offset + done, total - done)
         return done, total - done
 
     @staticmethod
