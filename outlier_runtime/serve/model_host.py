@@ -25,7 +25,6 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -40,6 +39,7 @@ from outlier_runtime.serve.batching import BatchScheduler
 from outlier_runtime.serve.openai_api import MODEL_PREFIX, ApiError
 from outlier_runtime.core.protocols import PreparedPrompt
 from outlier_runtime.core.runtime import Prompt, Runtime
+from outlier_runtime.serve.model_thread import ModelThread
 from outlier_runtime.serve.models_api import check_downloaded
 from outlier_runtime.serve.tier_pool import TierPool, tier_bytes
 from outlier_runtime.serve.tool_calls import check_tools
@@ -107,7 +107,7 @@ class ModelHost:
         self._allow_download = allow_download
         #: KV caches of earlier requests by prefix (0 bytes: every request prefills its whole prompt).
         self.prompt_cache = PrefixCache(prompt_cache_bytes)
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outlier-model")
+        self._worker = ModelThread("outlier-model")  # parked, not ended, at shutdown: see model_thread.py
         # The prompt cache's budget is a line of every plan: the serving plan and a paged tier's own.
         self._reserved = ([PlanLine("prompt cache", prompt_cache_bytes, "--prompt-cache-gb, counted in full")]
                           if prompt_cache_bytes else [])
@@ -192,7 +192,7 @@ class ModelHost:
             for job in self._jobs:
                 job.cancelled.set()
         done = self._worker.submit(self._shutdown)
-        self._worker.shutdown(wait=False, cancel_futures=False)
+        self._worker.shutdown()
         try:
             done.result(timeout=timeout)
         except Exception:  # noqa: BLE001 - a timeout, or a failed unload: either way, stop waiting

@@ -409,6 +409,6 @@ def serve(config: ServerConfig) -> None:
             signal.signal(stop_signal, lambda signum, frame: None)
     server.run()
     if getattr(app.state, "worker_stopped", True) is False:
-        os._exit(1)  # the worker is stuck (a model load): Python would wait for it at exit
+        os._exit(1)  # the worker is stuck (a model load): finalizing Python under it would abort the process
     if pipeline is not None and pipeline.lost is not None:
         raise pipeline.lost
