@@ -527,11 +527,14 @@ def serve(ctx: click.Context, host: str, port: int, api_key: str | None, api_key
 
 def _read_key_file(path: Path) -> str:
     try:
-        key = path.read_text().splitlines()[0].strip() if path.stat().st_size else ""
+        with path.open(encoding="utf-8") as file:
+            key = file.readline(4096).strip()  # a key is one short line; never read a huge file whole
     except (OSError, UnicodeDecodeError) as exc:
         raise ParameterError(f"--api-key-file {path}: cannot read it ({exc.__class__.__name__}).") from None
     if not key:
         raise ParameterError(f"--api-key-file {path}: its first line is empty; write the key there.")
+    if not (key.isascii() and key.isprintable()):
+        raise ParameterError(f"--api-key-file {path}: the key must be printable ASCII (it is sent in an HTTP header).")
     return key
 
 

@@ -69,7 +69,8 @@ def test_a_key_for_a_local_rank_0_travels_in_the_environment_only(tmp_path, monk
     assert SECRET not in " ".join(seen["command"])
 
 
-@pytest.mark.parametrize("content, message", [("", "first line is empty"), (None, "cannot read it")])
+@pytest.mark.parametrize("content, message", [("", "first line is empty"), (None, "cannot read it"),
+                                              ("\x00" * 8, "printable ASCII")])
 def test_api_key_file_errors_are_one_line(tmp_path, content, message):
     path = tmp_path / "key"
     if content is not None:
