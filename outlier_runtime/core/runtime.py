@@ -227,8 +227,8 @@ class Runtime:
         check_generation(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                          images=None if images is None else list(images), **sampling)
         prepared = self.prepare(prompt, chat, images)
-        return (yield from self._stream(prepared, max_tokens=max_tokens, temperature=temperature,
-                                        top_p=top_p, seed=seed, stop=stop, **sampling))
+        return (yield from self.stream_prepared(prepared, max_tokens=max_tokens, temperature=temperature,
+                                                top_p=top_p, seed=seed, stop=stop, **sampling))
 
     def stream_tokens(
         self,
@@ -249,15 +249,12 @@ class Runtime:
         prompt cache); the result's ``cached_tokens`` says how many were not. With
         ``top_logprobs`` (0 or more), each chunk and the result carry every generated token's log
         probability and that many most likely alternatives (:mod:`.logprobs`)."""
-        return (yield from self._stream(PreparedPrompt(list(tokens)), max_tokens=max_tokens, temperature=temperature,
-                                        top_p=top_p, seed=seed, stop=stop, prompt_cache=prompt_cache, cached=cached,
-                                        top_logprobs=top_logprobs, **sampling))
+        return (yield from self.stream_prepared(PreparedPrompt(list(tokens)), max_tokens=max_tokens,
+                                                temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+                                                prompt_cache=prompt_cache, cached=cached,
+                                                top_logprobs=top_logprobs, **sampling))
 
-    def stream_prepared(self, prepared: PreparedPrompt, **options: Any) -> Generator[Chunk, None, GenerationResult]:
-        """:meth:`stream` from :meth:`prepare`'s result (its images decoded and processed once)."""
-        return (yield from self._stream(prepared, **options))
-
-    def _stream(
+    def stream_prepared(
         self,
         prepared: PreparedPrompt,
         *,
@@ -271,6 +268,7 @@ class Runtime:
         top_logprobs: int | None = None,
         **sampling: Any,
     ) -> Generator[Chunk, None, GenerationResult]:
+        """:meth:`stream` from :meth:`prepare`'s result (its images decoded and processed once)."""
         from mlx_lm import stream_generate
 
         tokens = prepared.tokens
